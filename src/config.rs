@@ -1,0 +1,488 @@
+//! Where the application lives and what its settings are.
+//!
+//! Settings come from three places. The first that names a key wins:
+//! 1. command-line options (`--venv`, `--threads`, ...), given to [`AppConfig::load`] as overrides;
+//! 2. `<appSettings>` of the app folder's `web.config`, as wfastcgi.py does (it assigns them to
+//!    `os.environ`, so they replace variables of the same name);
+//! 3. the process environment.
+//!
+//! Every web.config setting is also exported to the Python side's `os.environ`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use quick_xml::events::{BytesStart, Event};
+use quick_xml::Reader;
+
+/// wfastcgi.py's default: restart when a `.py` or `.config` file changes.
+pub const DEFAULT_RESTART_REGEX: &str = r".*((\.py)|(\.config))$";
+
+/// How much an error response tells the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorDetail {
+    /// The traceback goes on FCGI_STDERR, which IIS shows in its 500 page (wfastcgi.py's way).
+    Full,
+    /// A plain 500; the traceback only reaches the log.
+    Generic,
+}
+
+/// When the log file starts anew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogRotation {
+    Never,
+    Hourly,
+    Daily,
+}
+
+/// The settings of one application, resolved once when it is first loaded.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub app_dir: PathBuf,
+    /// The web.config that was read, if the folder has one.
+    pub web_config: Option<PathBuf>,
+    /// web.config app settings in file order; exported to Python's `os.environ`.
+    pub app_settings: Vec<(String, String)>,
+    overrides: HashMap<String, String>,
+}
+
+impl AppConfig {
+    /// Reads `web.config` (any letter case) from `app_dir`, if there is one.
+    pub fn load(app_dir: &Path, overrides: HashMap<String, String>) -> Result<AppConfig> {
+        let app_dir = app_dir
+            .canonicalize()
+            .with_context(|| format!("app folder {} cannot be opened", app_dir.display()))?;
+        let web_config = find_web_config(&app_dir)?;
+        let app_settings = match &web_config {
+            Some(path) => read_app_settings(path)?,
+            None => Vec::new(),
+        };
+        Ok(AppConfig {
+            app_dir,
+            web_config,
+            app_settings,
+            overrides,
+        })
+    }
+
+    /// One setting, by the precedence in the module documentation.
+    pub fn get(&self, key: &str) -> Option<String> {
+        if let Some(value) = self.overrides.get(key) {
+            return Some(value.clone());
+        }
+        if let Some((_, value)) = self.app_settings.iter().rev().find(|(k, _)| k == key) {
+            return Some(value.clone());
+        }
+        std::env::var(key).ok()
+    }
+
+    fn get_nonempty(&self, key: &str) -> Option<String> {
+        self.get(key).filter(|v| !v.trim().is_empty())
+    }
+
+    pub fn handler(&self) -> Option<String> {
+        self.get_nonempty("WSGI_HANDLER")
+            .map(|h| h.trim().to_owned())
+    }
+
+    /// `PYTHONPATH` entries with `%VAR%` (and `$VAR`, `${VAR}` on Unix) expanded, relative
+    /// entries resolved against the app folder.
+    pub fn python_path(&self) -> Vec<PathBuf> {
+        let Some(raw) = self.get_nonempty("PYTHONPATH") else {
+            return Vec::new();
+        };
+        let expanded = expand_vars(&raw, |name| self.get(name));
+        split_path_list(&expanded)
+            .map(|entry| self.app_dir.join(entry))
+            .collect()
+    }
+
+    /// The virtualenv to run in: `WSGI_VENV`, else `VIRTUAL_ENV`.
+    pub fn venv(&self) -> Option<PathBuf> {
+        self.get_nonempty("WSGI_VENV")
+            .or_else(|| self.get_nonempty("VIRTUAL_ENV"))
+            .map(|v| self.app_dir.join(v.trim()))
+    }
+
+    /// The restart pattern; `None` when the setting is the empty string (watching off).
+    pub fn restart_regex(&self) -> Option<String> {
+        match self.get("WSGI_RESTART_FILE_REGEX") {
+            Some(pattern) if pattern.is_empty() => None,
+            Some(pattern) => Some(pattern),
+            None => Some(DEFAULT_RESTART_REGEX.to_owned()),
+        }
+    }
+
+    /// Extra folders to watch (`WSGI_WATCHER_DIRS`, `;`-separated, relative to the app folder).
+    pub fn watcher_dirs(&self) -> Vec<PathBuf> {
+        self.get_nonempty("WSGI_WATCHER_DIRS")
+            .map(|dirs| {
+                dirs.split(';')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(|d| self.app_dir.join(d))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn restart_grace(&self) -> Result<Duration> {
+        let seconds = self.parse_number("WSGI_RESTART_GRACE", 30)?;
+        Ok(Duration::from_secs(seconds))
+    }
+
+    pub fn log_path(&self) -> Option<PathBuf> {
+        self.get_nonempty("WSGI_LOG")
+            .map(|p| self.app_dir.join(p.trim()))
+    }
+
+    pub fn log_level(&self) -> Result<tracing::Level> {
+        match self.get_nonempty("WSGI_LOG_LEVEL") {
+            None => Ok(tracing::Level::INFO),
+            Some(level) => level.trim().parse().map_err(|_| {
+                invalid(
+                    "WSGI_LOG_LEVEL",
+                    &level,
+                    "error, warn, info, debug or trace",
+                )
+            }),
+        }
+    }
+
+    pub fn log_rotation(&self) -> Result<LogRotation> {
+        match self
+            .get_nonempty("WSGI_LOG_ROTATE")
+            .as_deref()
+            .map(str::trim)
+        {
+            None => Ok(LogRotation::Never),
+            Some(v) if v.eq_ignore_ascii_case("never") => Ok(LogRotation::Never),
+            Some(v) if v.eq_ignore_ascii_case("hourly") => Ok(LogRotation::Hourly),
+            Some(v) if v.eq_ignore_ascii_case("daily") => Ok(LogRotation::Daily),
+            Some(v) => Err(invalid("WSGI_LOG_ROTATE", v, "never, hourly or daily")),
+        }
+    }
+
+    pub fn error_detail(&self) -> Result<ErrorDetail> {
+        match self
+            .get_nonempty("WSGI_ERROR_DETAIL")
+            .as_deref()
+            .map(str::trim)
+        {
+            None => Ok(ErrorDetail::Full),
+            Some(v) if v.eq_ignore_ascii_case("full") => Ok(ErrorDetail::Full),
+            Some(v) if v.eq_ignore_ascii_case("generic") => Ok(ErrorDetail::Generic),
+            Some(v) => Err(invalid("WSGI_ERROR_DETAIL", v, "full or generic")),
+        }
+    }
+
+    /// wfastcgi.py keeps SCRIPT_NAME only when this setting exists, whatever its value.
+    pub fn allow_path_info_for_script_mappings(&self) -> bool {
+        self.get("AllowPathInfoForScriptMappings").is_some()
+    }
+
+    /// An explicit mount point to split off PATH_INFO.
+    pub fn script_name(&self) -> Option<String> {
+        self.get_nonempty("SCRIPT_NAME")
+    }
+
+    fn parse_number(&self, key: &str, default: u64) -> Result<u64> {
+        match self.get_nonempty(key) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|_| invalid(key, &v, "a whole number")),
+        }
+    }
+}
+
+fn invalid(key: &str, value: &str, expected: &str) -> anyhow::Error {
+    anyhow::anyhow!("app setting {key}={value:?} is invalid: expected {expected}")
+}
+
+/// IIS matches file names without regard to case; so do we.
+fn find_web_config(dir: &Path) -> Result<Option<PathBuf>> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .eq_ignore_ascii_case("web.config")
+        {
+            return Ok(Some(entry.path()));
+        }
+    }
+    Ok(None)
+}
+
+/// A web.config that cannot be used, with the file and position.
+#[derive(Debug)]
+pub struct WebConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+impl fmt::Display for WebConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.message)
+    }
+}
+
+impl std::error::Error for WebConfigError {}
+
+pub fn read_app_settings(path: &Path) -> Result<Vec<(String, String)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_app_settings(&bytes).map_err(|message| {
+        WebConfigError {
+            path: path.to_owned(),
+            message,
+        }
+        .into()
+    })
+}
+
+/// Reads `<configuration><appSettings>`: `<add key value/>` in order, honouring `<remove key/>`
+/// and `<clear/>` as .NET does. Keys are trimmed (wfastcgi.py does); values are kept as written.
+pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String)>, String> {
+    let xml = xml.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(xml);
+    let mut reader = Reader::from_reader(xml);
+    let mut settings: Vec<(String, String)> = Vec::new();
+    let mut path: Vec<Vec<u8>> = Vec::new();
+    let mut buf = Vec::new();
+    let in_app_settings = |path: &[Vec<u8>]| {
+        path.len() == 2 && path[0] == b"configuration" && path[1] == b"appSettings"
+    };
+    loop {
+        let position = reader.buffer_position();
+        let event = reader
+            .read_event_into(&mut buf)
+            .map_err(|e| format!("XML error at byte {position}: {e}"))?;
+        match event {
+            Event::Start(element) => {
+                if in_app_settings(&path) {
+                    apply_setting(&element, &mut settings)?;
+                }
+                path.push(element.name().as_ref().to_vec());
+            }
+            Event::Empty(element) => {
+                if in_app_settings(&path) {
+                    apply_setting(&element, &mut settings)?;
+                }
+            }
+            Event::End(_) => {
+                path.pop();
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+    if !path.is_empty() {
+        return Err("unexpected end of file: unclosed elements".into());
+    }
+    Ok(settings)
+}
+
+fn apply_setting(
+    element: &BytesStart<'_>,
+    settings: &mut Vec<(String, String)>,
+) -> std::result::Result<(), String> {
+    let name = element.name();
+    let attribute = |wanted: &[u8]| -> std::result::Result<Option<String>, String> {
+        for attr in element.attributes() {
+            let attr = attr.map_err(|e| format!("bad attribute in <appSettings>: {e}"))?;
+            if attr.key.as_ref() == wanted {
+                let value = attr
+                    .unescape_value()
+                    .map_err(|e| format!("bad attribute value in <appSettings>: {e}"))?;
+                return Ok(Some(value.into_owned()));
+            }
+        }
+        Ok(None)
+    };
+    match name.as_ref() {
+        b"add" => {
+            let key = attribute(b"key")?.ok_or("an <add> in <appSettings> has no key attribute")?;
+            let value = attribute(b"value")?.unwrap_or_default();
+            let key = key.trim().to_owned();
+            settings.retain(|(k, _)| *k != key);
+            settings.push((key, value));
+        }
+        b"remove" => {
+            if let Some(key) = attribute(b"key")? {
+                let key = key.trim();
+                settings.retain(|(k, _)| k != key);
+            }
+        }
+        b"clear" => settings.clear(),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Expands `%NAME%` everywhere and, on Unix, `$NAME` and `${NAME}`. Unknown names stay as written,
+/// as Python's `os.path.expandvars` leaves them.
+pub fn expand_vars(input: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(pos) = rest.find(['%', '$']) {
+        out.push_str(&rest[..pos]);
+        let tail = &rest[pos..];
+        let (name, consumed) = if tail.starts_with('%') {
+            match tail[1..].find('%') {
+                Some(end) if end > 0 => (&tail[1..1 + end], end + 2),
+                _ => ("", 0),
+            }
+        } else if cfg!(unix) && tail.starts_with("${") {
+            match tail[2..].find('}') {
+                Some(end) if end > 0 => (&tail[2..2 + end], end + 3),
+                _ => ("", 0),
+            }
+        } else if cfg!(unix) {
+            let len = tail[1..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len() - 1);
+            (&tail[1..1 + len], len + 1)
+        } else {
+            ("", 0)
+        };
+        match (consumed, lookup(name)) {
+            (n, Some(value)) if n > 0 && !name.is_empty() => {
+                out.push_str(&value);
+                rest = &tail[n..];
+            }
+            _ => {
+                out.push_str(&tail[..1]);
+                rest = &tail[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `;` separates entries everywhere (the web.config convention); `:` too on Unix.
+fn split_path_list(list: &str) -> impl Iterator<Item = &str> {
+    list.split(|c| c == ';' || (cfg!(unix) && c == ':'))
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+}
+
+/// Reads a positive count setting such as `WSGI_THREADS`.
+pub fn parse_count(key: &str, value: &str) -> Result<usize> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => bail!("{key}={value:?} is invalid: expected a whole number above 0"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(xml: &str) -> Vec<(String, String)> {
+        parse_app_settings(xml.as_bytes()).expect("valid web.config")
+    }
+
+    #[test]
+    fn reads_app_settings_in_order_and_trims_keys() {
+        let xml = r#"<?xml version="1.0" encoding="utf-8"?>
+            <configuration>
+              <appSettings>
+                <add key=" WSGI_HANDLER " value="app.application" />
+                <add key="PYTHONPATH" value="a;b &amp; c"></add>
+              </appSettings>
+              <system.webServer><add key="IGNORED" value="x"/></system.webServer>
+            </configuration>"#;
+        assert_eq!(
+            settings(xml),
+            vec![
+                ("WSGI_HANDLER".into(), "app.application".into()),
+                ("PYTHONPATH".into(), "a;b & c".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn honours_remove_clear_and_byte_order_mark() {
+        let xml =
+            "\u{feff}<configuration><appSettings><add key='A' value='1'/><add key='B' value='2'/>\
+                   <remove key='A'/><add key='B' value='3'/></appSettings></configuration>";
+        assert_eq!(settings(xml), vec![("B".into(), "3".into())]);
+        let cleared = "<configuration><appSettings><add key='A' value='1'/><clear/></appSettings></configuration>";
+        assert!(settings(cleared).is_empty());
+    }
+
+    #[test]
+    fn ignores_app_settings_outside_configuration_root() {
+        let xml = "<configuration><location><appSettings><add key='A' value='1'/></appSettings></location></configuration>";
+        assert!(settings(xml).is_empty());
+    }
+
+    #[test]
+    fn malformed_xml_is_a_specific_error() {
+        let err = parse_app_settings(
+            b"<configuration><appSettings><add key='A' value='1'></configuration>",
+        )
+        .expect_err("mismatched tags");
+        assert!(err.contains("XML error"), "{err}");
+        let err = parse_app_settings(
+            b"<configuration><appSettings><add value='1'/></appSettings></configuration>",
+        )
+        .expect_err("no key");
+        assert!(err.contains("no key"), "{err}");
+        let err = parse_app_settings(b"<configuration><appSettings>").expect_err("unclosed");
+        assert!(err.contains("unclosed"), "{err}");
+    }
+
+    #[test]
+    fn expands_windows_and_unix_variables() {
+        let lookup = |name: &str| match name {
+            "HOME" => Some("/home/me".to_owned()),
+            "APPL_PHYSICAL_PATH" => Some("C:\\site\\".to_owned()),
+            _ => None,
+        };
+        assert_eq!(
+            expand_vars("%APPL_PHYSICAL_PATH%lib", lookup),
+            "C:\\site\\lib"
+        );
+        assert_eq!(expand_vars("%UNKNOWN%;100%", lookup), "%UNKNOWN%;100%");
+        if cfg!(unix) {
+            assert_eq!(
+                expand_vars("$HOME/a:${HOME}/b:$NOPE", lookup),
+                "/home/me/a:/home/me/b:$NOPE"
+            );
+        }
+    }
+
+    #[test]
+    fn splits_path_lists() {
+        let entries: Vec<_> = split_path_list(" a ; b;;c").collect();
+        assert_eq!(entries, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn precedence_is_overrides_then_web_config_then_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("Web.Config"),
+            "<configuration><appSettings><add key='WSGI_LOG_LEVEL' value='debug'/>\
+             <add key='WSGI_THREADS' value='3'/></appSettings></configuration>",
+        )
+        .expect("write");
+        let overrides = HashMap::from([("WSGI_THREADS".to_owned(), "5".to_owned())]);
+        let config = AppConfig::load(dir.path(), overrides).expect("load");
+        assert!(config.web_config.is_some(), "found regardless of case");
+        assert_eq!(config.get("WSGI_THREADS").as_deref(), Some("5"));
+        assert_eq!(config.log_level().expect("level"), tracing::Level::DEBUG);
+        assert_eq!(config.get("PATH"), std::env::var("PATH").ok());
+        assert_eq!(
+            config.restart_regex().as_deref(),
+            Some(DEFAULT_RESTART_REGEX)
+        );
+    }
+}

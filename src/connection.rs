@@ -1,0 +1,576 @@
+//! One FastCGI connection: reads records, runs one request at a time through a worker, writes
+//! the worker's records back.
+//!
+//! BEGIN_REQUEST → PARAMS… → empty PARAMS (the job is queued now, so the application starts
+//! while the body is still arriving) → STDIN… → empty STDIN. The body goes to the application
+//! through a small bounded channel; while it is full this task stops reading the socket, which
+//! is the backpressure the web server feels. Records of a request that is already answered (the
+//! rest of a body the application did not read) are drained, so the connection stays usable.
+//!
+//! A second BEGIN_REQUEST while a request runs is answered FCGI_CANT_MPX_CONN: IIS never
+//! multiplexes, and GET_VALUES says FCGI_MPXS_CONNS=0.
+
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::exchange::{self, BodyEvent, JobHandles, Output, ResponseEncoder};
+use crate::protocol::{
+    self, ParamLimits, ParamsBuilder, ProtocolError, ProtocolStatus, Record, RecordDecoder, Role,
+};
+use crate::shutdown::Shutdown;
+use crate::worker::{JobQueue, SubmitError};
+
+/// What every connection of a server shares.
+pub struct ServerContext {
+    pub jobs: JobQueue,
+    pub param_limits: ParamLimits,
+    /// FCGI_MAX_CONNS and FCGI_MAX_REQS as GET_VALUES reports them.
+    pub max_conns: usize,
+    pub max_reqs: usize,
+}
+
+/// Why a connection ended early.
+#[derive(Debug)]
+pub enum ConnectionError {
+    Io(io::Error),
+    Protocol(ProtocolError),
+}
+
+impl fmt::Display for ConnectionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectionError::Io(e) => write!(f, "I/O error: {e}"),
+            ConnectionError::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for ConnectionError {
+    fn from(e: io::Error) -> Self {
+        ConnectionError::Io(e)
+    }
+}
+
+impl From<ProtocolError> for ConnectionError {
+    fn from(e: ProtocolError) -> Self {
+        ConnectionError::Protocol(e)
+    }
+}
+
+enum State {
+    Idle,
+    ReadingParams {
+        request_id: u16,
+        keep_conn: bool,
+        params: ParamsBuilder,
+    },
+    Running(Running),
+}
+
+struct Running {
+    request_id: u16,
+    keep_conn: bool,
+    handles: JobHandles,
+    /// `None` once the body is complete, or once the application stopped listening.
+    body: Option<mpsc::Sender<BodyEvent>>,
+    /// A STDIN record waiting for room in the body channel; no record is read meanwhile.
+    pending_body: Option<BodyEvent>,
+}
+
+pub struct Connection<S> {
+    stream: S,
+    read_buf: BytesMut,
+    decoder: RecordDecoder,
+    /// Records this task answers itself (GET_VALUES_RESULT, refusals), written before reading on.
+    replies: BytesMut,
+    state: State,
+    /// A request answered before its body was complete: its remaining STDIN is dropped.
+    draining: Option<u16>,
+    context: Arc<ServerContext>,
+    shutdown: Shutdown,
+    peer_closed: bool,
+    close_after_request: bool,
+}
+
+/// Read this much at a time: a whole maximal record and its header fit.
+const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    pub fn new(stream: S, context: Arc<ServerContext>, shutdown: Shutdown) -> Self {
+        Connection {
+            stream,
+            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            decoder: RecordDecoder::default(),
+            replies: BytesMut::new(),
+            state: State::Idle,
+            draining: None,
+            context,
+            shutdown,
+            peer_closed: false,
+            close_after_request: false,
+        }
+    }
+
+    /// Serves requests until the web server closes the connection, a request without
+    /// FCGI_KEEP_CONN is answered, or a shutdown finds the connection idle.
+    pub async fn run(&mut self) -> Result<(), ConnectionError> {
+        loop {
+            self.process_buffered()?;
+            if !self.replies.is_empty() {
+                let replies = self.replies.split().freeze();
+                self.stream.write_all(&replies).await?;
+            }
+            if self.is_done() {
+                let _ = self.stream.shutdown().await;
+                return Ok(());
+            }
+            let reading = !self.peer_closed && !self.has_pending_body();
+            tokio::select! {
+                wake = running_event(&mut self.state) => match wake {
+                    Wake::Output(output) => self.write_output(output).await?,
+                    Wake::BodyDelivered(true) => {}
+                    Wake::BodyDelivered(false) => self.stop_feeding_body(),
+                },
+                read = self.stream.read_buf(&mut self.read_buf), if reading => {
+                    if read? == 0 {
+                        self.decoder.finish(&self.read_buf)?;
+                        self.on_peer_closed();
+                    }
+                    self.read_buf.reserve(READ_CHUNK);
+                }
+                _ = self.shutdown.started(), if !self.close_after_request => {
+                    self.close_after_request = true;
+                }
+            }
+        }
+    }
+
+    fn has_pending_body(&self) -> bool {
+        matches!(&self.state, State::Running(r) if r.pending_body.is_some())
+    }
+
+    fn is_done(&self) -> bool {
+        match &self.state {
+            State::Running(_) => false,
+            // The peer closed with a request half-sent: nothing more can arrive.
+            State::ReadingParams { .. } => self.peer_closed,
+            State::Idle => self.peer_closed || self.close_after_request,
+        }
+    }
+
+    /// Handles the records already read, stopping at a body record that has to wait for room.
+    fn process_buffered(&mut self) -> Result<(), ProtocolError> {
+        while !self.has_pending_body() {
+            match self.decoder.decode(&mut self.read_buf)? {
+                Some(record) => self.on_record(record)?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn on_record(&mut self, record: Record) -> Result<(), ProtocolError> {
+        match record {
+            Record::BeginRequest {
+                request_id,
+                role,
+                keep_conn,
+            } => self.on_begin(request_id, role, keep_conn),
+            Record::Params {
+                request_id,
+                content,
+            } => self.on_params(request_id, content)?,
+            Record::Stdin {
+                request_id,
+                content,
+            } => self.on_stdin(request_id, content),
+            Record::AbortRequest { request_id } => self.on_abort(request_id),
+            Record::GetValues { content } => self.on_get_values(&content)?,
+            Record::Data { request_id, .. } => {
+                tracing::debug!(
+                    request_id,
+                    "ignoring FCGI_DATA: only the RESPONDER role is served"
+                );
+            }
+            Record::Unknown { record_type, .. } => {
+                tracing::warn!(
+                    record_type,
+                    "unknown FastCGI record type; answered FCGI_UNKNOWN_TYPE"
+                );
+                protocol::encode_unknown_type(&mut self.replies, record_type);
+            }
+            Record::EndRequest { request_id, .. }
+            | Record::Stdout { request_id, .. }
+            | Record::Stderr { request_id, .. } => {
+                tracing::warn!(request_id, "ignoring a record only an application may send");
+            }
+            Record::GetValuesResult { .. } | Record::UnknownType { .. } => {
+                tracing::warn!("ignoring a management record only an application may send");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_begin(&mut self, request_id: u16, role: Role, keep_conn: bool) {
+        match &self.state {
+            State::Idle => {}
+            State::ReadingParams { request_id: id, .. }
+            | State::Running(Running { request_id: id, .. })
+                if *id == request_id =>
+            {
+                tracing::warn!(
+                    request_id,
+                    "duplicate FCGI_BEGIN_REQUEST for a running request ignored"
+                );
+                return;
+            }
+            _ => {
+                tracing::warn!(
+                    request_id,
+                    "second request on a busy connection: FCGI_CANT_MPX_CONN"
+                );
+                protocol::encode_end_request(
+                    &mut self.replies,
+                    request_id,
+                    0,
+                    ProtocolStatus::CantMpxConn,
+                );
+                return;
+            }
+        }
+        self.draining = None;
+        if role != Role::Responder {
+            tracing::warn!(
+                request_id,
+                ?role,
+                "only the RESPONDER role is served: FCGI_UNKNOWN_ROLE"
+            );
+            protocol::encode_end_request(
+                &mut self.replies,
+                request_id,
+                0,
+                ProtocolStatus::UnknownRole,
+            );
+            return;
+        }
+        self.state = State::ReadingParams {
+            request_id,
+            keep_conn,
+            params: ParamsBuilder::new(self.context.param_limits),
+        };
+    }
+
+    fn on_params(&mut self, request_id: u16, content: Bytes) -> Result<(), ProtocolError> {
+        let State::ReadingParams {
+            request_id: id,
+            params,
+            ..
+        } = &mut self.state
+        else {
+            tracing::debug!(
+                request_id,
+                "FCGI_PARAMS outside a request's parameter stream ignored"
+            );
+            return Ok(());
+        };
+        if *id != request_id {
+            tracing::debug!(request_id, "FCGI_PARAMS for another request ignored");
+            return Ok(());
+        }
+        if !content.is_empty() {
+            return params.push(content);
+        }
+        let State::ReadingParams {
+            request_id,
+            keep_conn,
+            params,
+        } = std::mem::replace(&mut self.state, State::Idle)
+        else {
+            unreachable!("matched above");
+        };
+        self.start(request_id, keep_conn, params.finish()?);
+        Ok(())
+    }
+
+    /// Queues the job for a worker, or answers 503 at once when every worker and queue slot is
+    /// taken or the server is shutting down.
+    fn start(&mut self, request_id: u16, keep_conn: bool, params: protocol::Params) {
+        let (job, handles) = exchange::job(request_id, params);
+        let refusal = if self.close_after_request {
+            Some("the server is shutting down")
+        } else {
+            match self.context.jobs.submit(job) {
+                Ok(()) => None,
+                Err(SubmitError::Full) => Some("every worker is busy and the queue is full"),
+                Err(SubmitError::Closed) => Some("the server is shutting down"),
+            }
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(request_id, "request refused with 503: {reason}");
+            let mut encoder = ResponseEncoder::new(request_id);
+            exchange::simple_response(
+                &mut encoder,
+                "503 Service Unavailable",
+                &[("Retry-After", "1")],
+                b"Service Unavailable\n",
+            );
+            self.replies.extend_from_slice(&encoder.finish(0));
+            self.draining = Some(request_id);
+            if !keep_conn {
+                self.close_after_request = true;
+            }
+            return;
+        }
+        self.state = State::Running(Running {
+            request_id,
+            keep_conn,
+            body: Some(handles.body.clone()),
+            handles,
+            pending_body: None,
+        });
+    }
+
+    fn on_stdin(&mut self, request_id: u16, content: Bytes) {
+        let State::Running(running) = &mut self.state else {
+            if self.draining != Some(request_id) {
+                tracing::debug!(request_id, "FCGI_STDIN for no running request ignored");
+            }
+            return;
+        };
+        if running.request_id != request_id {
+            tracing::debug!(request_id, "FCGI_STDIN for another request ignored");
+            return;
+        }
+        let Some(body) = &running.body else {
+            return; // the application no longer reads: drain
+        };
+        let event = if content.is_empty() {
+            BodyEvent::End
+        } else {
+            BodyEvent::Data(content)
+        };
+        let ended = matches!(event, BodyEvent::End);
+        match body.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => running.pending_body = Some(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => running.body = None,
+        }
+        if ended && running.pending_body.is_none() {
+            running.body = None;
+        }
+    }
+
+    fn stop_feeding_body(&mut self) {
+        if let State::Running(running) = &mut self.state {
+            running.body = None;
+            running.pending_body = None;
+        }
+    }
+
+    fn on_abort(&mut self, request_id: u16) {
+        match &mut self.state {
+            State::ReadingParams { request_id: id, .. } if *id == request_id => {
+                tracing::info!(
+                    request_id,
+                    "request aborted by the web server before it started"
+                );
+                protocol::encode_end_request(
+                    &mut self.replies,
+                    request_id,
+                    0,
+                    ProtocolStatus::RequestComplete,
+                );
+                self.state = State::Idle;
+            }
+            State::Running(running) if running.request_id == request_id => {
+                tracing::info!(request_id, "request aborted by the web server");
+                running.handles.abort();
+                // Closing the body channel wakes an application blocked on wsgi.input.
+                running.body = None;
+                running.pending_body = None;
+            }
+            _ => tracing::debug!(
+                request_id,
+                "FCGI_ABORT_REQUEST for no running request ignored"
+            ),
+        }
+    }
+
+    fn on_get_values(&mut self, content: &Bytes) -> Result<(), ProtocolError> {
+        let asked = protocol::decode_name_values(content, &self.context.param_limits)?;
+        let max_conns = self.context.max_conns.to_string();
+        let max_reqs = self.context.max_reqs.to_string();
+        let known: [(&[u8], &[u8]); 3] = [
+            (b"FCGI_MAX_CONNS", max_conns.as_bytes()),
+            (b"FCGI_MAX_REQS", max_reqs.as_bytes()),
+            (b"FCGI_MPXS_CONNS", b"0"),
+        ];
+        let answer: Vec<(&[u8], &[u8])> = known
+            .into_iter()
+            .filter(|(name, _)| asked.get(name).is_some())
+            .collect();
+        protocol::encode_get_values_result(&mut self.replies, &answer);
+        Ok(())
+    }
+
+    fn on_peer_closed(&mut self) {
+        self.peer_closed = true;
+        if let State::Running(running) = &mut self.state {
+            if running.body.is_some() {
+                // The body can never complete; wsgi.input reports the interruption.
+                running.body = None;
+                running.pending_body = None;
+            }
+        }
+    }
+
+    async fn write_output(&mut self, output: Option<Output>) -> Result<(), ConnectionError> {
+        let State::Running(running) = &mut self.state else {
+            return Ok(());
+        };
+        let aborted = running.handles.is_aborted();
+        let request_id = running.request_id;
+        // Coalesce what the worker has already queued into one vectored write.
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut ended = false;
+        let mut next = output;
+        loop {
+            match next {
+                Some(Output::Records(records)) => {
+                    if !aborted {
+                        batch.push(records);
+                    }
+                }
+                Some(Output::End(records)) => {
+                    if aborted {
+                        let mut end = BytesMut::new();
+                        protocol::encode_end_request(
+                            &mut end,
+                            request_id,
+                            0,
+                            ProtocolStatus::RequestComplete,
+                        );
+                        batch.push(end.freeze());
+                    } else {
+                        batch.push(records);
+                    }
+                    ended = true;
+                    break;
+                }
+                None => {
+                    // The worker dropped the job without ending it (it cannot, by construction,
+                    // but a lost END_REQUEST would hang the web server): end it here.
+                    tracing::error!(
+                        request_id,
+                        "worker ended the request without FCGI_END_REQUEST"
+                    );
+                    let mut end = BytesMut::new();
+                    protocol::encode_end_request(
+                        &mut end,
+                        request_id,
+                        1,
+                        ProtocolStatus::RequestComplete,
+                    );
+                    batch.push(end.freeze());
+                    ended = true;
+                    break;
+                }
+            }
+            next = match running.handles.output.try_recv() {
+                Ok(output) => Some(output),
+                Err(_) => break,
+            };
+        }
+        let keep_conn = running.keep_conn;
+        let body_unfinished = running.body.is_some() || running.pending_body.is_some();
+        if ended {
+            if body_unfinished {
+                self.draining = Some(request_id);
+            }
+            self.state = State::Idle;
+            if !keep_conn {
+                self.close_after_request = true;
+            }
+        }
+        write_all_vectored(&mut self.stream, &mut batch).await?;
+        Ok(())
+    }
+}
+
+enum Wake {
+    /// The next batch of the running request's response.
+    Output(Option<Output>),
+    /// The waiting body record was delivered (false: the application no longer reads the body).
+    BodyDelivered(bool),
+}
+
+/// Waits for the running request's worker; never resolves while no request runs.
+async fn running_event(state: &mut State) -> Wake {
+    let State::Running(Running {
+        handles,
+        body,
+        pending_body,
+        ..
+    }) = state
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        output = handles.output.recv() => Wake::Output(output),
+        delivered = deliver_pending_body(body, pending_body) => Wake::BodyDelivered(delivered),
+    }
+}
+
+async fn deliver_pending_body(
+    body: &mut Option<mpsc::Sender<BodyEvent>>,
+    pending: &mut Option<BodyEvent>,
+) -> bool {
+    let Some(sender) = body.as_ref().filter(|_| pending.is_some()) else {
+        return std::future::pending().await;
+    };
+    let Ok(permit) = sender.reserve().await else {
+        return false;
+    };
+    if let Some(event) = pending.take() {
+        let ended = matches!(event, BodyEvent::End);
+        permit.send(event);
+        if ended {
+            *body = None;
+        }
+    }
+    true
+}
+
+/// Writes every buffer, using one system call for as many as the kernel takes at once.
+async fn write_all_vectored<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buffers: &mut [Bytes],
+) -> io::Result<()> {
+    let mut first = 0;
+    while first < buffers.len() {
+        if buffers[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let slices: Vec<IoSlice<'_>> = buffers[first..].iter().map(|b| IoSlice::new(b)).collect();
+        let mut written = stream.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let chunk = &mut buffers[first];
+            let n = written.min(chunk.len());
+            chunk.advance(n);
+            written -= n;
+            if chunk.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    stream.flush().await
+}

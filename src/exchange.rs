@@ -1,0 +1,230 @@
+//! The hand-off between a connection (a tokio task that owns the socket) and a worker (a thread
+//! that runs the application).
+//!
+//! A connection turns a complete PARAMS stream into a [`Job`] and queues it. The worker reads the
+//! body from [`BodyStream`] as the application asks for it and sends encoded records back through
+//! [`ResponseSink`]. Both channels are small and bounded: a slow application stops the connection
+//! from reading the socket, a slow web server stops the application, and memory stays flat.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
+
+use crate::protocol::{self, Params, ProtocolStatus, RecordType};
+
+/// STDIN records in flight from a connection to its application (each at most 64 KiB).
+pub const BODY_QUEUE: usize = 4;
+/// Batches of response records in flight to a connection.
+pub const OUTPUT_QUEUE: usize = 8;
+
+/// One request, ready for the application.
+#[derive(Debug)]
+pub struct Job {
+    pub params: Params,
+    pub body: BodyStream,
+    pub response: ResponseSink,
+}
+
+/// What a connection feeds the application's `wsgi.input`.
+#[derive(Debug)]
+pub enum BodyEvent {
+    Data(Bytes),
+    /// The empty STDIN record: the body is complete.
+    End,
+}
+
+/// The request body as the web server sends it.
+#[derive(Debug)]
+pub struct BodyStream {
+    receiver: mpsc::Receiver<BodyEvent>,
+}
+
+/// The body cannot be completed: the web server aborted the request or went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyInterrupted;
+
+impl BodyStream {
+    /// Blocks the calling thread (never a tokio thread) until the next piece of the body;
+    /// `Ok(None)` at its end.
+    pub fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted> {
+        match self.receiver.blocking_recv() {
+            Some(BodyEvent::Data(data)) => Ok(Some(data)),
+            Some(BodyEvent::End) => Ok(None),
+            None => Err(BodyInterrupted),
+        }
+    }
+}
+
+/// A batch of encoded records for the connection to write.
+#[derive(Debug)]
+pub enum Output {
+    Records(Bytes),
+    /// The last batch: it ends with FCGI_END_REQUEST.
+    End(Bytes),
+}
+
+/// The web server is gone or aborted the request: stop producing the response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseGone;
+
+/// Where the worker sends the response of one request, already encoded as FastCGI records.
+#[derive(Debug)]
+pub struct ResponseSink {
+    request_id: u16,
+    sender: mpsc::Sender<Output>,
+    aborted: Arc<AtomicBool>,
+}
+
+impl ResponseSink {
+    pub fn request_id(&self) -> u16 {
+        self.request_id
+    }
+
+    /// FCGI_ABORT_REQUEST arrived: the application should stop at its next chunk.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    /// Queues a batch without blocking; gives it back when the queue is full so the caller can
+    /// release the GIL before it waits in [`ResponseSink::send_blocking`]. Batches of an aborted
+    /// request are dropped by the connection, which still needs the final [`Output::End`].
+    pub fn try_send(&self, output: Output) -> Result<(), TrySendError> {
+        self.sender.try_send(output).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(output) => TrySendError::Full(output),
+            mpsc::error::TrySendError::Closed(_) => TrySendError::Gone,
+        })
+    }
+
+    /// Waits for room in the queue. Never call it from a tokio thread, nor holding the GIL.
+    pub fn send_blocking(&self, output: Output) -> Result<(), ResponseGone> {
+        self.sender.blocking_send(output).map_err(|_| ResponseGone)
+    }
+}
+
+pub enum TrySendError {
+    Full(Output),
+    Gone,
+}
+
+/// The connection's ends of a job's channels.
+#[derive(Debug)]
+pub struct JobHandles {
+    pub body: mpsc::Sender<BodyEvent>,
+    pub output: mpsc::Receiver<Output>,
+    pub aborted: Arc<AtomicBool>,
+}
+
+impl JobHandles {
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+}
+
+/// A job and the connection's handles on it.
+pub fn job(request_id: u16, params: Params) -> (Job, JobHandles) {
+    let (body_tx, body_rx) = mpsc::channel(BODY_QUEUE);
+    let (output_tx, output_rx) = mpsc::channel(OUTPUT_QUEUE);
+    let aborted = Arc::new(AtomicBool::new(false));
+    let job = Job {
+        params,
+        body: BodyStream { receiver: body_rx },
+        response: ResponseSink {
+            request_id,
+            sender: output_tx,
+            aborted: aborted.clone(),
+        },
+    };
+    let handles = JobHandles {
+        body: body_tx,
+        output: output_rx,
+        aborted,
+    };
+    (job, handles)
+}
+
+/// Builds the records of one response: STDOUT and STDERR data, then the end of both streams and
+/// FCGI_END_REQUEST. Never writes an empty record except the ones that end a stream.
+#[derive(Debug)]
+pub struct ResponseEncoder {
+    request_id: u16,
+    buf: BytesMut,
+    wrote_stderr: bool,
+}
+
+impl ResponseEncoder {
+    pub fn new(request_id: u16) -> Self {
+        ResponseEncoder {
+            request_id,
+            buf: BytesMut::new(),
+            wrote_stderr: false,
+        }
+    }
+
+    pub fn stdout(&mut self, data: &[u8]) {
+        protocol::encode_stream(&mut self.buf, RecordType::Stdout, self.request_id, data);
+    }
+
+    /// Under IIS any STDERR output turns the response into a 500 (stderrMode), so this is only for
+    /// a request that failed.
+    pub fn stderr(&mut self, data: &[u8]) {
+        if !data.is_empty() {
+            self.wrote_stderr = true;
+        }
+        protocol::encode_stream(&mut self.buf, RecordType::Stderr, self.request_id, data);
+    }
+
+    /// Bytes encoded and not yet taken.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Drops what is encoded but not yet taken (a response replaced by an error page).
+    pub fn discard(&mut self) {
+        self.buf.clear();
+    }
+
+    /// Everything encoded so far, for sending now.
+    pub fn take(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+
+    /// Ends the streams and the request; returns the last batch.
+    pub fn finish(&mut self, app_status: u32) -> Bytes {
+        protocol::encode_end_of_stream(&mut self.buf, RecordType::Stdout, self.request_id);
+        if self.wrote_stderr {
+            protocol::encode_end_of_stream(&mut self.buf, RecordType::Stderr, self.request_id);
+        }
+        protocol::encode_end_request(
+            &mut self.buf,
+            self.request_id,
+            app_status,
+            ProtocolStatus::RequestComplete,
+        );
+        self.take()
+    }
+}
+
+/// A complete CGI-style response (`Status:` line, headers, body) as STDOUT records.
+pub fn simple_response(
+    encoder: &mut ResponseEncoder,
+    status: &str,
+    extra_headers: &[(&str, &str)],
+    body: &[u8],
+) {
+    let mut head = format!(
+        "Status: {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in extra_headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    encoder.stdout(head.as_bytes());
+    encoder.stdout(body);
+}

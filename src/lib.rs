@@ -1,0 +1,13 @@
+//! wfastcgi: a FastCGI-to-WSGI gateway that embeds CPython. See ARCHITECTURE.md.
+
+pub mod config;
+pub mod connection;
+pub mod exchange;
+pub mod gateway;
+pub mod logging;
+pub mod protocol;
+pub mod python;
+pub mod routing;
+pub mod server;
+pub mod shutdown;
+pub mod worker;

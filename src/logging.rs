@@ -1,0 +1,115 @@
+//! Diagnostics go to the `WSGI_LOG` file, never to stdout/stderr while serving: IIS hands the
+//! process invalid standard handles.
+//!
+//! The subscriber is installed at start-up with a reloadable sink, because under IIS the log
+//! file is only known once the first request names the app folder and its web.config is read.
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use anyhow::{Context, Result};
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::rolling::{RollingFileAppender, Rotation};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::{Identity, Layered, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, Layer, Registry};
+
+use crate::config::LogRotation;
+
+/// The level is a global filter of its own: tracing-subscriber cannot reload per-layer filters.
+type Filtered = Layered<reload::Layer<LevelFilter, Registry>, Registry>;
+type Sink = Box<dyn Layer<Filtered> + Send + Sync>;
+
+struct State {
+    level: reload::Handle<LevelFilter, Registry>,
+    sink: reload::Handle<Sink, Filtered>,
+    /// Flushes the background writer when dropped; kept until [`flush`].
+    guard: Option<WorkerGuard>,
+}
+
+static STATE: OnceLock<Mutex<State>> = OnceLock::new();
+
+/// Installs the global subscriber. `to_stderr` is for runs started by hand (`serve --bind`);
+/// otherwise nothing is written until [`open_file`] names a log file.
+pub fn init(to_stderr: bool, level: tracing::Level) {
+    let (sink, level) = if to_stderr {
+        (
+            line_format(std::io::stderr).boxed(),
+            LevelFilter::from_level(level),
+        )
+    } else {
+        (Identity::new().boxed(), LevelFilter::OFF)
+    };
+    let (level_layer, level) = reload::Layer::new(level);
+    let (sink_layer, sink) = reload::Layer::new(sink);
+    let installed = tracing_subscriber::registry()
+        .with(level_layer)
+        .with(sink_layer)
+        .try_init();
+    if installed.is_ok() {
+        let _ = STATE.set(Mutex::new(State {
+            level,
+            sink,
+            guard: None,
+        }));
+    }
+}
+
+/// One line per event: time, level, message. No colours: it is a file.
+fn line_format<W>(writer: W) -> impl Layer<Filtered> + Send + Sync
+where
+    W: for<'w> fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    fmt::layer()
+        .with_writer(writer)
+        .with_ansi(false)
+        .with_target(false)
+}
+
+/// Sends all further diagnostics to `path` through a background writer thread, so a slow disk
+/// never holds a request (or the GIL).
+pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("WSGI_LOG {} names no file", path.display()))?;
+    let rotation = match rotation {
+        LogRotation::Never => Rotation::NEVER,
+        LogRotation::Hourly => Rotation::HOURLY,
+        LogRotation::Daily => Rotation::DAILY,
+    };
+    let appender = RollingFileAppender::builder()
+        .rotation(rotation)
+        .filename_prefix(file_name.to_string_lossy())
+        .build(dir)
+        .with_context(|| format!("WSGI_LOG {} cannot be opened", path.display()))?;
+    let (writer, guard) = tracing_appender::non_blocking(appender);
+    let state = STATE.get().context("logging is not initialised")?;
+    let mut state = state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    state
+        .sink
+        .reload(line_format(writer).boxed())
+        .context("cannot switch the log sink")?;
+    state
+        .level
+        .reload(LevelFilter::from_level(level))
+        .context("cannot set the log level")?;
+    state.guard = Some(guard);
+    Ok(())
+}
+
+/// Writes out what the background writer still holds; call before the process exits.
+pub fn flush() {
+    if let Some(state) = STATE.get() {
+        let mut state = state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.guard.take();
+    }
+}

@@ -1,0 +1,100 @@
+//! The `wfastcgi` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use wfastcgi::gateway::{self, Options};
+use wfastcgi::logging;
+use wfastcgi::server::{StdinError, Transport};
+
+/// A FastCGI-to-WSGI gateway for IIS, nginx, Apache and lighttpd that embeds CPython.
+///
+/// Without a command it serves as IIS starts it: requests arrive on standard input (a duplex
+/// pipe or a listening socket), and the application is the one named by WSGI_HANDLER in the
+/// web.config of the first request's APPL_PHYSICAL_PATH.
+#[derive(Parser)]
+#[command(name = "wfastcgi", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    app: AppArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve FastCGI on standard input, or on a socket given with --bind.
+    Serve {
+        /// `HOST:PORT` or `unix:/path/to/socket`.
+        #[arg(long, value_name = "ADDR")]
+        bind: Option<String>,
+        #[command(flatten)]
+        app: AppArgs,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct AppArgs {
+    /// The application folder (holding web.config); default: IIS's APPL_PHYSICAL_PATH, else the
+    /// working directory.
+    #[arg(long, value_name = "DIR")]
+    app_dir: Option<PathBuf>,
+    /// A virtualenv to run the application in (as WSGI_VENV).
+    #[arg(long, value_name = "DIR")]
+    venv: Option<PathBuf>,
+    /// Python worker threads (as WSGI_THREADS); default 1 under IIS, 4 with --bind.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (bind, app) = match cli.command {
+        Some(Command::Serve { bind, app }) => (bind, app),
+        None => (None, cli.app),
+    };
+    let transport = match &bind {
+        Some(address) => Transport::bind(address),
+        None => Transport::from_stdin().map_err(|e| match e {
+            StdinError::Terminal => anyhow::anyhow!(
+                "standard input is a terminal, not a FastCGI connection.\n\
+                 IIS starts wfastcgi with a pipe on standard input; to serve by hand, run\n  \
+                 wfastcgi serve --bind 127.0.0.1:9000 --app-dir DIR\n\
+                 (see wfastcgi --help)"
+            ),
+            StdinError::NotASocket => anyhow::anyhow!(
+                "standard input is not a socket: wfastcgi reads FastCGI records from a duplex \
+                 pipe or socket on standard input, or from --bind ADDR"
+            ),
+            StdinError::Io(e) => anyhow::anyhow!("cannot inspect standard input: {e}"),
+        }),
+    };
+    let transport = match transport {
+        Ok(transport) => transport,
+        Err(e) => {
+            eprintln!("wfastcgi: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    // Only a server started by hand logs to stderr: IIS gives the process invalid handles.
+    logging::init(bind.is_some(), tracing::Level::INFO);
+    let options = Options {
+        app_dir: app.app_dir,
+        venv: app.venv,
+        threads: app.threads,
+        multiprocess: bind.is_none(),
+    };
+    match gateway::serve(transport, options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            logging::flush();
+            if bind.is_some() {
+                eprintln!("wfastcgi: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,513 @@
+//! Name-value pairs: the PARAMS stream and the bodies of GET_VALUES and GET_VALUES_RESULT.
+//!
+//! A pair is `nameLength valueLength name value`. A length below 128 takes one byte; a longer one
+//! takes four, big-endian, with the high bit set to tell the two forms apart.
+
+use std::mem;
+use std::ops::Range;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::ProtocolError;
+
+/// The high bit that marks a four-byte length.
+const LONG_LENGTH: u32 = 1 << 31;
+
+/// Limits on name-value pairs, checked while decoding so a peer cannot make us buffer without
+/// bound.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamLimits {
+    /// Bytes of encoded pairs in one PARAMS stream or GET_VALUES body (default 1 MiB).
+    pub max_total: usize,
+    /// Length of one name (default 64 KiB).
+    pub max_name: usize,
+    /// Length of one value (default 1 MiB).
+    pub max_value: usize,
+}
+
+impl Default for ParamLimits {
+    fn default() -> Self {
+        Self {
+            max_total: 1 << 20,
+            max_name: 64 << 10,
+            max_value: 1 << 20,
+        }
+    }
+}
+
+/// Decoded name-value pairs in the order received. Names and values are slices of the records
+/// they arrived in, so they keep those records' buffers alive; only a pair that straddled records
+/// has a buffer of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Params {
+    pairs: Vec<(Bytes, Bytes)>,
+}
+
+impl Params {
+    /// The value of the first pair with this name; names are case-sensitive.
+    pub fn get(&self, name: &[u8]) -> Option<&Bytes> {
+        self.pairs.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Bytes, &Bytes)> {
+        self.pairs.iter().map(|(name, value)| (name, value))
+    }
+
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    pub fn push(&mut self, name: Bytes, value: Bytes) {
+        self.pairs.push((name, value));
+    }
+}
+
+/// Accumulates the PARAMS stream of one request.
+///
+/// Pairs may be split across records at any byte, length bytes included. A pair wholly inside
+/// one record is sliced out of it without copying; only a pair that straddles records is gathered
+/// into a carry buffer, which grows exactly by the bytes received and so stays within
+/// `max_total`.
+#[derive(Debug)]
+pub struct ParamsBuilder {
+    limits: ParamLimits,
+    params: Params,
+    /// Stream bytes received so far.
+    received: usize,
+    /// The start of a pair that the records so far have cut short.
+    carry: Vec<u8>,
+}
+
+impl ParamsBuilder {
+    pub fn new(limits: ParamLimits) -> Self {
+        Self {
+            limits,
+            params: Params::default(),
+            received: 0,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Takes the content of one non-empty PARAMS record. After an error the builder is spent.
+    pub fn push(&mut self, mut content: Bytes) -> Result<(), ProtocolError> {
+        // Checked before any of the record is kept.
+        self.received = self.received.saturating_add(content.len());
+        if self.received > self.limits.max_total {
+            return Err(ProtocolError::ParamsTooLarge {
+                limit: self.limits.max_total,
+            });
+        }
+        // Finish the straddling pair, taking only the bytes it still needs.
+        while !self.carry.is_empty() {
+            match scan_pair(&self.carry, &self.limits)? {
+                Scan::Pair { name, value } => {
+                    let pair = Bytes::from(mem::take(&mut self.carry));
+                    self.params.push(pair.slice(name), pair.slice(value));
+                }
+                Scan::NeedMore(_) if content.is_empty() => return Ok(()),
+                Scan::NeedMore(more) => {
+                    let part = content.split_to(more.min(content.len()));
+                    // Exact growth keeps the carry's capacity at the bytes received.
+                    self.carry.reserve_exact(part.len());
+                    self.carry.extend_from_slice(&part);
+                }
+            }
+        }
+        // Whole pairs are sliced out of the record; a trailing partial one becomes the carry.
+        while !content.is_empty() {
+            match scan_pair(&content, &self.limits)? {
+                Scan::Pair { name, value } => {
+                    let pair = content.split_to(value.end);
+                    self.params.push(pair.slice(name), pair.slice(value));
+                }
+                Scan::NeedMore(_) => {
+                    self.carry = content.to_vec();
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the stream, on its empty PARAMS record.
+    pub fn finish(self) -> Result<Params, ProtocolError> {
+        if self.carry.is_empty() {
+            Ok(self.params)
+        } else {
+            Err(ProtocolError::NameValueTruncated)
+        }
+    }
+}
+
+/// Decodes a complete block of name-value pairs, such as GET_VALUES content.
+pub fn decode_name_values(content: &Bytes, limits: &ParamLimits) -> Result<Params, ProtocolError> {
+    let mut builder = ParamsBuilder::new(*limits);
+    builder.push(content.clone())?;
+    builder.finish()
+}
+
+/// Appends one pair, each length in one byte when below 128 and in four bytes otherwise.
+///
+/// # Panics
+///
+/// If a length exceeds 2^31 - 1 bytes, which the four-byte form cannot express.
+pub fn encode_name_value(buf: &mut BytesMut, name: &[u8], value: &[u8]) {
+    buf.reserve(8 + name.len() + value.len());
+    put_length(buf, name.len());
+    put_length(buf, value.len());
+    buf.put_slice(name);
+    buf.put_slice(value);
+}
+
+fn put_length(buf: &mut BytesMut, len: usize) {
+    match u8::try_from(len) {
+        Ok(short) if short < 0x80 => buf.put_u8(short),
+        _ => {
+            let long = u32::try_from(len)
+                .ok()
+                .filter(|&len| len < LONG_LENGTH)
+                .expect("name-value length exceeds 2^31 - 1 bytes");
+            buf.put_u32(long | LONG_LENGTH);
+        }
+    }
+}
+
+/// How far a buffer gets through the pair at its start.
+enum Scan {
+    /// A whole pair, which ends where its value ends.
+    Pair {
+        name: Range<usize>,
+        value: Range<usize>,
+    },
+    /// At least this many more bytes are needed to get further.
+    NeedMore(usize),
+}
+
+/// Scans the pair at the start of `buf`, checking each length against `limits` as soon as it is
+/// known, so an oversized pair fails before its bytes arrive.
+fn scan_pair(buf: &[u8], limits: &ParamLimits) -> Result<Scan, ProtocolError> {
+    let (name_len, name_width) = match read_length(buf) {
+        Ok(length) => length,
+        Err(more) => return Ok(Scan::NeedMore(more)),
+    };
+    if name_len > limits.max_name {
+        return Err(ProtocolError::NameTooLong {
+            len: name_len,
+            limit: limits.max_name,
+        });
+    }
+    let (value_len, value_width) = match read_length(&buf[name_width..]) {
+        Ok(length) => length,
+        Err(more) => return Ok(Scan::NeedMore(more)),
+    };
+    if value_len > limits.max_value {
+        return Err(ProtocolError::ValueTooLong {
+            len: value_len,
+            limit: limits.max_value,
+        });
+    }
+    let value_start = name_width + value_width + name_len;
+    // Saturates only on 32-bit targets with limits near 4 GiB; such a pair never completes, and
+    // max_total ends the stream.
+    let end = value_start.saturating_add(value_len);
+    Ok(if buf.len() < end {
+        Scan::NeedMore(end - buf.len())
+    } else {
+        Scan::Pair {
+            name: name_width + value_width..value_start,
+            value: value_start..end,
+        }
+    })
+}
+
+/// Reads the length at the start of `buf` as (length, bytes it takes), or `Err(n)` when `n` more
+/// bytes are needed to read it.
+fn read_length(buf: &[u8]) -> Result<(usize, usize), usize> {
+    match *buf {
+        [] => Err(1),
+        [short, ..] if short < 0x80 => Ok((usize::from(short), 1)),
+        [b0, b1, b2, b3, ..] => {
+            let long = u32::from_be_bytes([b0, b1, b2, b3]) & !LONG_LENGTH;
+            // 31 bits fit the usize of every target `bytes` supports.
+            Ok((long as usize, 4))
+        }
+        _ => Err(4 - buf.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::XorShift;
+    use super::*;
+
+    fn encode_pairs(pairs: &[(&[u8], &[u8])]) -> Bytes {
+        let mut buf = BytesMut::new();
+        for (name, value) in pairs {
+            encode_name_value(&mut buf, name, value);
+        }
+        buf.freeze()
+    }
+
+    fn params_of(pairs: &[(&[u8], &[u8])]) -> Params {
+        let mut params = Params::default();
+        for (name, value) in pairs {
+            params.push(Bytes::copy_from_slice(name), Bytes::copy_from_slice(value));
+        }
+        params
+    }
+
+    /// Feeds `stream` as records of the given lengths (the rest in one last record).
+    fn build(
+        stream: &Bytes,
+        record_lens: impl IntoIterator<Item = usize>,
+        limits: ParamLimits,
+    ) -> Result<Params, ProtocolError> {
+        let mut builder = ParamsBuilder::new(limits);
+        let mut rest = stream.clone();
+        for len in record_lens {
+            builder.push(rest.split_to(len.min(rest.len())))?;
+        }
+        if !rest.is_empty() {
+            builder.push(rest)?;
+        }
+        builder.finish()
+    }
+
+    fn roomy() -> ParamLimits {
+        ParamLimits {
+            max_total: 4 << 20,
+            max_name: 2 << 20,
+            max_value: 2 << 20,
+        }
+    }
+
+    /// A mix of short and long lengths, empty names and values, and non-UTF-8 bytes.
+    fn sample() -> Vec<(Vec<u8>, Vec<u8>)> {
+        vec![
+            (b"SCRIPT_NAME".to_vec(), b"/app".to_vec()),
+            (b"EMPTY".to_vec(), Vec::new()),
+            (vec![b'N'; 130], vec![0xFF; 300]),
+            (Vec::new(), b"nameless".to_vec()),
+            (b"QUERY_STRING".to_vec(), vec![b'q'; 127]),
+            (vec![b'M'; 128], b"x".to_vec()),
+        ]
+    }
+
+    fn as_slices(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<(&[u8], &[u8])> {
+        pairs.iter().map(|(n, v)| (&n[..], &v[..])).collect()
+    }
+
+    #[test]
+    fn lengths_take_one_byte_below_128_and_four_above() {
+        for len in [0, 1, 127, 128, 65535, 1 << 20] {
+            let width = if len < 128 { 1 } else { 4 };
+            let mut encoded = BytesMut::new();
+            put_length(&mut encoded, len);
+            assert_eq!(encoded.len(), width);
+            assert_eq!(read_length(&encoded), Ok((len, width)));
+
+            let long = vec![b'z'; len];
+            for (name, value) in [(&long[..], &b"v"[..]), (&b"n"[..], &long[..])] {
+                let encoded = encode_pairs(&[(name, value)]);
+                assert_eq!(encoded.len(), 1 + width + 1 + len, "length {len}");
+                assert_eq!(
+                    decode_name_values(&encoded, &roomy()),
+                    Ok(params_of(&[(name, value)]))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn four_byte_lengths_are_big_endian_with_the_high_bit_set() {
+        let encoded = encode_pairs(&[(&[b'a'; 0x0102][..], b"")]);
+        assert_eq!(&encoded[..5], [0x80, 0x00, 0x01, 0x02, 0x00]);
+    }
+
+    #[test]
+    fn a_split_at_any_byte_gives_the_same_params() {
+        let pairs = sample();
+        let expected = params_of(&as_slices(&pairs));
+        let stream = encode_pairs(&as_slices(&pairs));
+        for split in 0..=stream.len() {
+            assert_eq!(
+                build(&stream, [split], ParamLimits::default()),
+                Ok(expected.clone()),
+                "split at {split}"
+            );
+        }
+        let one_byte_records = std::iter::repeat_n(1, stream.len());
+        assert_eq!(
+            build(&stream, one_byte_records, ParamLimits::default()),
+            Ok(expected)
+        );
+    }
+
+    #[test]
+    fn a_value_may_span_many_records() {
+        let value: Vec<u8> = (0..200_000).map(|i| i as u8).collect();
+        let stream = encode_pairs(&[(b"BIG", &value), (b"after", b"1")]);
+        let expected = params_of(&[(b"BIG", &value), (b"after", b"1")]);
+        assert_eq!(build(&stream, [65535; 4], roomy()), Ok(expected));
+    }
+
+    #[test]
+    fn whole_pairs_are_not_copied() {
+        let stream = encode_pairs(&as_slices(&sample()));
+        let received = stream.as_ptr_range();
+        let params = build(&stream, [], ParamLimits::default()).unwrap();
+        for (name, value) in params.iter() {
+            for part in [name, value].into_iter().filter(|part| !part.is_empty()) {
+                assert!(received.contains(&part.as_ptr()));
+            }
+        }
+    }
+
+    #[test]
+    fn params_lookup_is_first_match_and_case_sensitive() {
+        let params = params_of(&[(b"A", b"1"), (b"a", b"2"), (b"A", b"3")]);
+        assert_eq!(params.len(), 3);
+        assert!(!params.is_empty());
+        assert!(Params::default().is_empty());
+        assert_eq!(params.get(b"A").map(|v| &v[..]), Some(&b"1"[..]));
+        assert_eq!(params.get(b"a").map(|v| &v[..]), Some(&b"2"[..]));
+        assert_eq!(params.get(b"b"), None);
+        let names: Vec<&[u8]> = params.iter().map(|(name, _)| &name[..]).collect();
+        assert_eq!(names, [b"A", b"a", b"A"]);
+    }
+
+    #[test]
+    fn incomplete_pairs_are_truncation_errors() {
+        let stream = encode_pairs(&[(b"NAME", b"value")]);
+        for cut in 1..stream.len() {
+            let partial = stream.slice(..cut);
+            assert_eq!(
+                decode_name_values(&partial, &ParamLimits::default()),
+                Err(ProtocolError::NameValueTruncated),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(
+            decode_name_values(&Bytes::new(), &ParamLimits::default()),
+            Ok(Params::default())
+        );
+    }
+
+    #[test]
+    fn long_names_and_values_fail_as_soon_as_their_length_arrives() {
+        let limits = ParamLimits::default();
+        let mut builder = ParamsBuilder::new(limits);
+        builder.push(Bytes::from_static(&[0x80])).unwrap();
+        assert_eq!(
+            builder.push(Bytes::from_static(&[0x01, 0x00, 0x01])),
+            Err(ProtocolError::NameTooLong {
+                len: 0x1_0001,
+                limit: 64 << 10
+            })
+        );
+
+        let mut builder = ParamsBuilder::new(limits);
+        assert_eq!(
+            builder.push(Bytes::from_static(&[0x01, 0x80, 0x10, 0x00, 0x01])),
+            Err(ProtocolError::ValueTooLong {
+                len: 0x10_0001,
+                limit: 1 << 20
+            })
+        );
+
+        let at_limits = ParamLimits {
+            max_total: 1000,
+            max_name: 3,
+            max_value: 4,
+        };
+        let fits = encode_pairs(&[(b"abc", b"defg")]);
+        assert!(decode_name_values(&fits, &at_limits).is_ok());
+        let name_over = encode_pairs(&[(b"abcd", b"")]);
+        assert_eq!(
+            decode_name_values(&name_over, &at_limits),
+            Err(ProtocolError::NameTooLong { len: 4, limit: 3 })
+        );
+        let value_over = encode_pairs(&[(b"", b"abcde")]);
+        assert_eq!(
+            decode_name_values(&value_over, &at_limits),
+            Err(ProtocolError::ValueTooLong { len: 5, limit: 4 })
+        );
+    }
+
+    #[test]
+    fn total_limit_trips_without_buffering_past_it() {
+        let limits = ParamLimits {
+            max_total: 1000,
+            ..ParamLimits::default()
+        };
+        // One pair declaring a 5000-byte value: legal per pair, too big for the stream.
+        let stream = encode_pairs(&[(b"N", &[b'v'; 5000])]);
+        let mut builder = ParamsBuilder::new(limits);
+        builder.push(stream.slice(..600)).unwrap();
+        assert_eq!(builder.carry.len(), 600);
+        builder.push(stream.slice(600..1000)).unwrap();
+        assert!(builder.carry.capacity() <= limits.max_total);
+        assert_eq!(
+            builder.push(stream.slice(1000..1001)),
+            Err(ProtocolError::ParamsTooLarge { limit: 1000 })
+        );
+        assert_eq!(builder.carry.len(), 1000);
+        assert!(builder.carry.capacity() <= limits.max_total);
+
+        let exactly = encode_pairs(&[(b"N", &[b'v'; 994])]);
+        assert_eq!(exactly.len(), 1000);
+        assert!(decode_name_values(&exactly, &limits).is_ok());
+        let one_over = encode_pairs(&[(b"N", &[b'v'; 995])]);
+        assert_eq!(
+            decode_name_values(&one_over, &limits),
+            Err(ProtocolError::ParamsTooLarge { limit: 1000 })
+        );
+    }
+
+    #[test]
+    fn random_pairs_survive_random_record_splits() {
+        let mut rng = XorShift::new(0x5EED);
+        for _ in 0..300 {
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = (0..rng.below(12))
+                .map(|_| {
+                    let mut len = || match rng.below(6) {
+                        0 => 120 + rng.below(20),
+                        1 => rng.below(3000),
+                        _ => rng.below(20),
+                    };
+                    let (name_len, value_len) = (len(), len());
+                    (rng.bytes(name_len), rng.bytes(value_len))
+                })
+                .collect();
+            let stream = encode_pairs(&as_slices(&pairs));
+            let max_record = 1 + rng.below(stream.len().max(1));
+            let record_lens: Vec<usize> = (0..stream.len())
+                .map(|_| 1 + rng.below(max_record))
+                .collect();
+            assert_eq!(
+                build(&stream, record_lens, ParamLimits::default()),
+                Ok(params_of(&as_slices(&pairs)))
+            );
+        }
+    }
+
+    #[test]
+    fn random_garbage_never_panics() {
+        let mut rng = XorShift::new(99);
+        let limits = ParamLimits {
+            max_total: 4096,
+            max_name: 512,
+            max_value: 1024,
+        };
+        for _ in 0..2000 {
+            let len = rng.below(300);
+            let garbage = Bytes::from(rng.bytes(len));
+            let record_lens: Vec<usize> = (0..8).map(|_| 1 + rng.below(64)).collect();
+            let _ = build(&garbage, record_lens, limits);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Starting and stopping the embedded CPython.
+//!
+//! The interpreter is configured through PyConfig before it starts, so a virtualenv is used the
+//! way `<venv>/bin/python` would use it: `sys.prefix` is the venv (CPython reads its
+//! `pyvenv.cfg`) and its site-packages are on `sys.path`. pyo3 sees an initialised interpreter and
+//! skips its own start-up. No Python signal handlers are installed: the Rust side owns signals.
+
+use std::ffi::CString;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use pyo3::ffi;
+
+/// The interpreter a virtualenv would run.
+pub fn venv_python(venv: &Path) -> Result<PathBuf> {
+    if !venv.join("pyvenv.cfg").is_file() {
+        bail!(
+            "virtualenv {} is not usable: it has no pyvenv.cfg (set WSGI_VENV, --venv or VIRTUAL_ENV to a folder made by `python -m venv`)",
+            venv.display()
+        );
+    }
+    let python = if cfg!(windows) {
+        venv.join("Scripts").join("python.exe")
+    } else {
+        venv.join("bin").join("python")
+    };
+    if !python.exists() {
+        bail!(
+            "virtualenv {} is not usable: {} is missing",
+            venv.display(),
+            python.display()
+        );
+    }
+    Ok(python)
+}
+
+/// Starts CPython (once per process) and leaves no thread holding the GIL.
+pub fn start(venv: Option<&Path>) -> Result<()> {
+    if unsafe { ffi::Py_IsInitialized() } != 0 {
+        return Ok(());
+    }
+    let executable = venv.map(venv_python).transpose()?;
+    // SAFETY: the PyConfig API is used as CPython documents it: initialised, filled, used once,
+    // cleared; Python is not running yet, so no other thread can touch it.
+    unsafe {
+        let mut config = MaybeUninit::<ffi::PyConfig>::uninit();
+        ffi::PyConfig_InitPythonConfig(config.as_mut_ptr());
+        let mut config = config.assume_init();
+        config.install_signal_handlers = 0;
+        config.parse_argv = 0;
+        if let Some(executable) = &executable {
+            let path = CString::new(executable.to_string_lossy().into_owned())
+                .context("virtualenv path contains a NUL byte")?;
+            let status =
+                ffi::PyConfig_SetBytesString(&mut config, &mut config.executable, path.as_ptr());
+            if ffi::PyStatus_Exception(status) != 0 {
+                ffi::PyConfig_Clear(&mut config);
+                return Err(status_error(&status));
+            }
+        }
+        let status = ffi::Py_InitializeFromConfig(&config);
+        ffi::PyConfig_Clear(&mut config);
+        if ffi::PyStatus_Exception(status) != 0 {
+            return Err(status_error(&status));
+        }
+        // Release the GIL taken by initialisation; workers attach as they need it.
+        ffi::PyEval_SaveThread();
+    }
+    Ok(())
+}
+
+unsafe fn status_error(status: &ffi::PyStatus) -> anyhow::Error {
+    let message = if status.err_msg.is_null() {
+        "unknown error".to_owned()
+    } else {
+        std::ffi::CStr::from_ptr(status.err_msg)
+            .to_string_lossy()
+            .into_owned()
+    };
+    anyhow!("Python failed to start: {message}")
+}
+
+/// Runs Python's shutdown (non-daemon threads joined, atexit handlers) on the calling thread.
+/// Threads the application started may not hold the exit longer than `grace`: past it the
+/// process exits without waiting further.
+pub fn finalize(grace: Duration) {
+    if unsafe { ffi::Py_IsInitialized() } == 0 {
+        return;
+    }
+    std::thread::spawn(move || {
+        std::thread::sleep(grace);
+        tracing::warn!("Python did not finish shutting down within {grace:?}; exiting anyway");
+        crate::logging::flush();
+        std::process::exit(0);
+    });
+    // SAFETY: every worker has finished and released the GIL; this thread takes it and
+    // CPython tears itself down. No Python object is used after this.
+    unsafe {
+        ffi::PyGILState_Ensure();
+        if ffi::Py_FinalizeEx() != 0 {
+            tracing::warn!("Python reported an error while shutting down");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The WSGI bridge: the embedded interpreter, the application, and one request's trip through it.
+//!
+//! Threads: each worker thread attaches to the interpreter once and keeps its thread state; it
+//! holds the GIL while Python runs and releases it only to wait (for the next job, for body
+//! bytes, for room in the response queue).
+
+mod handler;
+mod input;
+pub mod interpreter;
+mod response;
+mod streams;
+
+use std::ffi::c_char;
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
+use pyo3::{ffi, intern};
+
+use crate::config::{AppConfig, ErrorDetail};
+use crate::exchange::{Job, Output, ResponseEncoder};
+use crate::protocol::Params;
+use crate::routing::{self, RouteSettings};
+
+pub use response::error_response;
+
+use input::WsgiInput;
+use response::StartResponse;
+use streams::{FileWrapper, LogStream};
+
+/// How the process is deployed, as the environ reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Deployment {
+    pub multithread: bool,
+    pub multiprocess: bool,
+}
+
+/// A loaded application, shared by every worker thread.
+pub struct App {
+    handler: Py<PyAny>,
+    /// The environ entries that are the same for every request; copied per request.
+    base_environ: Py<PyDict>,
+    allow_path_info_for_script_mappings: bool,
+    script_name: Option<String>,
+    pub error_detail: ErrorDetail,
+}
+
+/// Prepares the interpreter for the application as wfastcgi.py does (app settings into
+/// `os.environ`, `chdir` to the app folder, which goes first on `sys.path`, then `PYTHONPATH`)
+/// and resolves `WSGI_HANDLER`. The interpreter must already be running.
+pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
+    let error_detail = config.error_detail().map_err(|e| e.to_string())?;
+    let handler_name = config.handler().ok_or_else(|| {
+        let source = match &config.web_config {
+            Some(path) => format!(
+                "{} has no <add key=\"WSGI_HANDLER\" .../> in <appSettings>",
+                path.display()
+            ),
+            None => format!(
+                "{} has no web.config and WSGI_HANDLER is not set",
+                config.app_dir.display()
+            ),
+        };
+        format!("WSGI_HANDLER is not set: {source}")
+    })?;
+    Python::attach(|py| {
+        prepare_interpreter(py, config).map_err(|e| format_exception(py, &e))?;
+        let handler = handler::resolve(py, &handler_name).map_err(|e| {
+            format!(
+                "Error occurred while reading WSGI handler {handler_name:?}:\n{}",
+                format_exception(py, &e)
+            )
+        })?;
+        let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
+        tracing::info!("WSGI handler {handler_name:?} loaded");
+        Ok(App {
+            handler: handler.unbind(),
+            base_environ: base_environ.unbind(),
+            allow_path_info_for_script_mappings: config.allow_path_info_for_script_mappings(),
+            script_name: config.script_name(),
+            error_detail,
+        })
+    })
+}
+
+fn prepare_interpreter(py: Python<'_>, config: &AppConfig) -> PyResult<()> {
+    let os = py.import("os")?;
+    let environ = os.getattr("environ")?;
+    for (key, value) in &config.app_settings {
+        environ.set_item(key, value)?;
+    }
+    // sys.path entries must be str (pyo3 turns a PathBuf into a pathlib.Path).
+    let app_dir = config.app_dir.to_string_lossy();
+    os.call_method1("chdir", (&*app_dir,))?;
+    let sys = py.import("sys")?;
+    let path = sys.getattr("path")?;
+    path.call_method1("insert", (0, &*app_dir))?;
+    for entry in config.python_path() {
+        path.call_method1("append", (entry.to_string_lossy(),))?;
+    }
+    sys.setattr("stdout", LogStream::new("stdout", false))?;
+    sys.setattr("stderr", LogStream::new("stderr", true))?;
+    let version: String = sys.getattr("version")?.extract()?;
+    let prefix: String = sys.getattr("prefix")?.extract()?;
+    tracing::info!(
+        "Python {} (sys.prefix {prefix})",
+        version.replace('\n', " ")
+    );
+    tracing::debug!("sys.path = {}", path.repr()?);
+    Ok(())
+}
+
+fn base_environ(py: Python<'_>, deployment: Deployment) -> PyResult<Bound<'_, PyDict>> {
+    let environ = PyDict::new(py);
+    environ.set_item("wsgi.version", PyTuple::new(py, [1, 0])?)?;
+    environ.set_item("wsgi.errors", LogStream::new("wsgi.errors", true))?;
+    environ.set_item("wsgi.multithread", deployment.multithread)?;
+    environ.set_item("wsgi.multiprocess", deployment.multiprocess)?;
+    environ.set_item("wsgi.run_once", false)?;
+    environ.set_item("wsgi.input_terminated", true)?;
+    environ.set_item("wsgi.file_wrapper", py.get_type::<FileWrapper>())?;
+    Ok(environ)
+}
+
+/// Serves jobs on this thread until the queue closes. `first` is a job taken off the queue
+/// before the application was loaded (IIS mode learns the app folder from it).
+pub fn serve_jobs(app: &App, first: Option<Job>, jobs: &Receiver<Job>) {
+    Python::attach(|py| {
+        if let Some(job) = first {
+            handle(py, app, job);
+        }
+        while let Ok(job) = py.detach(|| jobs.recv()) {
+            handle(py, app, job);
+        }
+    });
+}
+
+fn handle(py: Python<'_>, app: &App, job: Job) {
+    let Job {
+        params,
+        body,
+        response,
+    } = job;
+    let content_length = params
+        .get(b"CONTENT_LENGTH")
+        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+    let responder = match Bound::new(py, StartResponse::new(response)) {
+        Ok(responder) => responder,
+        Err(e) => {
+            tracing::error!("cannot create start_response: {}", format_exception(py, &e));
+            return;
+        }
+    };
+    let result = Bound::new(py, WsgiInput::new(body, content_length))
+        .and_then(|input| app.environ(py, &params, input))
+        .map_err(response::Failure::from)
+        .and_then(|environ| {
+            response::run(py, app.handler.bind(py), environ.into_any(), &responder)
+        });
+    if let Err(failure) = result {
+        let what = describe(&params);
+        responder
+            .borrow_mut()
+            .fail(py, failure, app.error_detail, &what);
+    }
+}
+
+/// `GET /path` for log lines, with control characters escaped so a request cannot forge lines.
+fn describe(params: &Params) -> String {
+    let field = |name: &[u8]| {
+        params
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v).escape_debug().to_string())
+            .unwrap_or_default()
+    };
+    format!("{} {}", field(b"REQUEST_METHOD"), field(b"REQUEST_URI"))
+}
+
+impl App {
+    /// The PEP 3333 environ: every parameter as an ISO-8859-1 `str`, the paths by the rules in
+    /// [`routing`], the raw-bytes keys wfastcgi.py adds, and the `wsgi.*` entries.
+    fn environ<'py>(
+        &self,
+        py: Python<'py>,
+        params: &Params,
+        input: Bound<'py, WsgiInput>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let environ = self.base_environ.bind(py).copy()?;
+        for (name, value) in params.iter() {
+            // nginx sends these empty for body-less requests; PEP 3333 wants them absent.
+            if value.is_empty() && (&name[..] == b"CONTENT_LENGTH" || &name[..] == b"CONTENT_TYPE")
+            {
+                continue;
+            }
+            environ.set_item(latin1(py, name)?, latin1(py, value)?)?;
+        }
+        let route = routing::route(
+            params,
+            &RouteSettings {
+                allow_path_info_for_script_mappings: self.allow_path_info_for_script_mappings,
+                script_name: self.script_name.as_deref(),
+            },
+        );
+        environ.set_item(intern!(py, "SCRIPT_NAME"), latin1(py, &route.script_name)?)?;
+        environ.set_item(intern!(py, "PATH_INFO"), latin1(py, &route.path_info)?)?;
+        environ.set_item(
+            intern!(py, "wsgi.script_name"),
+            PyBytes::new(py, &route.script_name),
+        )?;
+        environ.set_item(
+            intern!(py, "wsgi.path_info"),
+            PyBytes::new(py, &route.path_info),
+        )?;
+        let query = params
+            .get(b"QUERY_STRING")
+            .cloned()
+            .unwrap_or_else(Bytes::new);
+        environ.set_item(intern!(py, "wsgi.query_string"), PyBytes::new(py, &query))?;
+        if let Some(original) = params.get(b"HTTP_X_ORIGINAL_URL") {
+            environ.set_item(
+                intern!(py, "wfastcgi.http_x_original_url"),
+                PyBytes::new(py, original),
+            )?;
+        }
+        let https = params
+            .get(b"HTTPS")
+            .is_some_and(|v| v.eq_ignore_ascii_case(b"on"));
+        let scheme = if https {
+            intern!(py, "https")
+        } else {
+            intern!(py, "http")
+        };
+        environ.set_item(intern!(py, "wsgi.url_scheme"), scheme)?;
+        // PEP 3333 requires these; some front ends leave them out.
+        for (key, default) in [
+            (intern!(py, "REQUEST_METHOD"), "GET"),
+            (intern!(py, "QUERY_STRING"), ""),
+            (intern!(py, "SERVER_NAME"), "localhost"),
+            (intern!(py, "SERVER_PORT"), "80"),
+            (intern!(py, "SERVER_PROTOCOL"), "HTTP/1.0"),
+        ] {
+            environ.call_method1(intern!(py, "setdefault"), (key, default))?;
+        }
+        environ.set_item(intern!(py, "wsgi.input"), input)?;
+        Ok(environ)
+    }
+}
+
+/// Bytes as a `str` of the same code points (PEP 3333's "native strings").
+fn latin1<'py>(py: Python<'py>, bytes: &[u8]) -> PyResult<Bound<'py, PyString>> {
+    // SAFETY: the pointer and length describe a live slice; CPython copies it and returns a new
+    // reference or NULL with an exception set, which from_owned_ptr_or_err turns into an error.
+    unsafe {
+        let ptr = ffi::PyUnicode_DecodeLatin1(
+            bytes.as_ptr() as *const c_char,
+            bytes.len() as ffi::Py_ssize_t,
+            std::ptr::null(),
+        );
+        Ok(Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked())
+    }
+}
+
+/// The whole traceback, as Python's `traceback` module prints it.
+pub fn format_exception(py: Python<'_>, error: &PyErr) -> String {
+    let formatted = py.import("traceback").and_then(|traceback| {
+        let lines = traceback.call_method1(
+            "format_exception",
+            (error.get_type(py), error.value(py), error.traceback(py)),
+        )?;
+        PyString::new(py, "")
+            .call_method1("join", (lines,))?
+            .extract::<String>()
+    });
+    formatted.unwrap_or_else(|_| error.to_string())
+}
+
+/// Answers a job without Python: the application could not be loaded.
+pub fn respond_unavailable(job: Job, message: &str, detail: ErrorDetail) {
+    let mut encoder = ResponseEncoder::new(job.response.request_id());
+    error_response(&mut encoder, message, detail);
+    let _ = job.response.send_blocking(Output::End(encoder.finish(0)));
+}

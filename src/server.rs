@@ -1,0 +1,272 @@
+//! Transports and the accept loop.
+//!
+//! - fd 0 a connected duplex stream: IIS's NamedPipe protocol (on Linux, a socketpair or a
+//!   connected socket). One connection; the process ends with it.
+//! - fd 0 a listening socket: IIS's Tcp protocol, FCGI_LISTENSOCK_FILENO (spawn-fcgi, lighttpd,
+//!   mod_fcgid). Told apart from a stream by SO_ACCEPTCONN.
+//! - `--bind 127.0.0.1:9000` or `--bind unix:/path`: a socket we bind.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use socket2::{Domain, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinSet;
+
+use crate::connection::{Connection, ServerContext};
+use crate::shutdown::{Reason, Shutdown, Trigger};
+
+/// Where requests come from. Holds plain sockets until the runtime takes them over.
+pub enum Transport {
+    Stream(Socket),
+    Listener(Socket),
+}
+
+/// Why fd 0 cannot be served.
+#[derive(Debug)]
+pub enum StdinError {
+    /// Started by hand from a terminal: show usage instead of waiting.
+    Terminal,
+    NotASocket,
+    Io(io::Error),
+}
+
+impl Transport {
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Transport::Stream(_))
+    }
+
+    /// Takes fd 0 as IIS (or a Unix FastCGI spawner) hands it over.
+    #[cfg(unix)]
+    pub fn from_stdin() -> Result<Transport, StdinError> {
+        use std::os::fd::{FromRawFd, RawFd};
+        const STDIN: RawFd = 0;
+        // SAFETY: fstat on fd 0 with a zeroed stat buffer of the right type.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstat(STDIN, &mut stat) } != 0 {
+            return Err(StdinError::Io(io::Error::last_os_error()));
+        }
+        if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            if unsafe { libc::isatty(STDIN) } == 1 {
+                return Err(StdinError::Terminal);
+            }
+            return Err(StdinError::NotASocket);
+        }
+        // SAFETY: fd 0 is an open socket that nothing else in this process uses; the Socket
+        // becomes its only owner.
+        let socket = unsafe { Socket::from_raw_fd(STDIN) };
+        let listening = socket.is_listener().map_err(StdinError::Io)?;
+        Ok(if listening {
+            Transport::Listener(socket)
+        } else {
+            Transport::Stream(socket)
+        })
+    }
+
+    /// Binds `host:port` or `unix:/path`.
+    pub fn bind(address: &str) -> Result<Transport> {
+        if let Some(path) = address.strip_prefix("unix:") {
+            return bind_unix(PathBuf::from(path));
+        }
+        let address: std::net::SocketAddr = address
+            .parse()
+            .with_context(|| format!("--bind {address:?}: expected HOST:PORT or unix:/path"))?;
+        let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket
+            .bind(&address.into())
+            .with_context(|| format!("cannot bind {address}"))?;
+        socket.listen(1024)?;
+        Ok(Transport::Listener(socket))
+    }
+}
+
+#[cfg(unix)]
+fn bind_unix(path: PathBuf) -> Result<Transport> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        // A socket file nobody listens on is left over from a dead process: replace it.
+        match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(_) => bail!("{} is in use by a live socket", path.display()),
+            Err(_) => std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?,
+        }
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket
+        .bind(&socket2::SockAddr::unix(&path)?)
+        .with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    socket.listen(1024)?;
+    Ok(Transport::Listener(socket))
+}
+
+/// Serves until the shutdown starts and the connections in flight have finished (at most
+/// `grace` after it started).
+pub async fn run(
+    transport: Transport,
+    context: Arc<ServerContext>,
+    trigger: Trigger,
+    grace: Duration,
+) {
+    tokio::spawn(watch_signals(trigger.clone()));
+    match transport {
+        Transport::Stream(socket) => {
+            match adopt_stream(socket) {
+                Ok(stream) => stream.serve(context, trigger.subscribe()).await,
+                Err(e) => tracing::error!("cannot use fd 0: {e}"),
+            }
+            trigger.fire(Reason::EndOfStream);
+        }
+        Transport::Listener(socket) => {
+            if let Err(e) = accept_loop(socket, context, trigger.subscribe(), grace).await {
+                tracing::error!("cannot accept connections: {e}");
+                trigger.fire(Reason::EndOfStream);
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    socket: Socket,
+    context: Arc<ServerContext>,
+    mut shutdown: Shutdown,
+    grace: Duration,
+) -> io::Result<()> {
+    let listener = adopt_listener(socket)?;
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => {
+                    connections.spawn(stream.serve(context.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::error!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = shutdown.started() => break,
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            "{} connection(s) still busy after {grace:?}; closing them",
+            connections.len()
+        );
+    }
+    Ok(())
+}
+
+enum Listener {
+    Tcp(tokio::net::TcpListener),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixListener),
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Stream> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, _) = listener.accept().await?;
+                stream.set_nodelay(true)?;
+                Ok(Stream::Tcp(stream))
+            }
+            #[cfg(unix)]
+            Listener::Unix(listener) => Ok(Stream::Unix(listener.accept().await?.0)),
+        }
+    }
+}
+
+impl Stream {
+    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown) {
+        match self {
+            Stream::Tcp(stream) => serve_connection(stream, context, shutdown).await,
+            #[cfg(unix)]
+            Stream::Unix(stream) => serve_connection(stream, context, shutdown).await,
+        }
+    }
+}
+
+async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    context: Arc<ServerContext>,
+    shutdown: Shutdown,
+) {
+    if let Err(e) = Connection::new(stream, context, shutdown).run().await {
+        tracing::warn!("connection closed: {e}");
+    }
+}
+
+fn is_unix(socket: &Socket) -> io::Result<bool> {
+    Ok(socket.local_addr()?.is_unix())
+}
+
+fn adopt_listener(socket: Socket) -> io::Result<Listener> {
+    socket.set_nonblocking(true)?;
+    #[cfg(unix)]
+    if is_unix(&socket)? {
+        let std_listener: std::os::unix::net::UnixListener = socket.into();
+        return Ok(Listener::Unix(tokio::net::UnixListener::from_std(
+            std_listener,
+        )?));
+    }
+    let std_listener: std::net::TcpListener = socket.into();
+    Ok(Listener::Tcp(tokio::net::TcpListener::from_std(
+        std_listener,
+    )?))
+}
+
+fn adopt_stream(socket: Socket) -> io::Result<Stream> {
+    socket.set_nonblocking(true)?;
+    #[cfg(unix)]
+    if is_unix(&socket)? {
+        let std_stream: std::os::unix::net::UnixStream = socket.into();
+        return Ok(Stream::Unix(tokio::net::UnixStream::from_std(std_stream)?));
+    }
+    let std_stream: std::net::TcpStream = socket.into();
+    std_stream.set_nodelay(true)?;
+    Ok(Stream::Tcp(tokio::net::TcpStream::from_std(std_stream)?))
+}
+
+/// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
+#[cfg(unix)]
+async fn watch_signals(trigger: Trigger) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        if trigger.fire(Reason::Signal) {
+            tracing::info!("signal received: finishing the requests in flight, then exiting");
+        } else {
+            tracing::warn!("second signal: exiting now");
+            crate::logging::flush();
+            std::process::exit(1);
+        }
+    }
+}

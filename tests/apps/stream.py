@@ -1,0 +1,51 @@
+"""Apps whose body is produced piece by piece, without a Content-Length."""
+
+import time
+from urllib.parse import parse_qs
+
+HEADERS = [("Content-Type", "application/octet-stream")]
+
+
+def _params(environ):
+    """Read n, size and sleep from the query string, with defaults."""
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    n = int(query.get("n", ["5"])[0])
+    size = int(query.get("size", ["10"])[0])
+    sleep = float(query.get("sleep", ["0.2"])[0])
+    return n, size, sleep
+
+
+def app(environ, start_response):
+    n, size, _ = _params(environ)
+    start_response("200 OK", list(HEADERS))
+    # A generator means the gateway cannot know the length up front.
+    return (b"x" * size for _ in range(n))
+
+
+def lazy_app(environ, start_response):
+    """A generator function: start_response runs only on the first next()."""
+    n, size, _ = _params(environ)
+    start_response("200 OK", list(HEADERS))
+    for _ in range(n):
+        yield b"x" * size
+
+
+def slow_app(environ, start_response):
+    """Sleep before every chunk, so tests can see chunks arrive over time."""
+    n, size, sleep = _params(environ)
+    start_response("200 OK", list(HEADERS))
+
+    def chunks():
+        for _ in range(n):
+            time.sleep(sleep)
+            yield b"x" * size
+
+    return chunks()
+
+
+def write_app(environ, start_response):
+    """Send part of the body via the legacy write() callable, then return."""
+    write = start_response("200 OK", [("Content-Type", "text/plain")])
+    write(b"one\n")
+    write(b"two\n")
+    return [b"end"]
