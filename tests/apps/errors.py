@@ -117,3 +117,27 @@ def close_count(environ, start_response):
     """Report how many times close_tracker's iterables were closed."""
     start_response("200 OK", list(TEXT))
     return [str(len(closed)).encode("ascii")]
+
+
+class _SlowTracked(_Tracked):
+    def __init__(self, n, sleep):
+        self.n, self.sleep = n, sleep
+
+    def __iter__(self):
+        import time
+
+        for _ in range(self.n):
+            time.sleep(self.sleep)
+            yield b"x"
+
+
+def tracked(environ, start_response):
+    """One process for a close() count: `/count` reports, `/slow` streams slowly, else
+    close_tracker."""
+    path = environ.get("PATH_INFO")
+    if path == "/count":
+        return close_count(environ, start_response)
+    if path == "/slow":
+        start_response("200 OK", list(TEXT))
+        return _SlowTracked(100, 0.05)
+    return close_tracker(environ, start_response)

@@ -53,3 +53,20 @@ def _echo(environ, start_response):
 # wsgiref's validator asserts that gateway and app both follow PEP 3333.
 validated = validator(app)
 validated_echo = validator(_echo)
+
+
+def sys_app(environ, start_response):
+    """Report the interpreter the gateway embeds, so tests can check the venv and version."""
+    import os
+    import sys
+
+    body = json.dumps({
+        "version": sys.version.split()[0],
+        "prefix": sys.prefix,
+        "base_prefix": sys.base_prefix,
+        "path": sys.path,
+        "cwd": os.getcwd(),
+        "settings_env": os.environ.get("WFASTCGI_TEST_SETTING", ""),
+    }).encode("utf-8")
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
