@@ -268,10 +268,8 @@ pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String
                 }
                 path.push(element.name().as_ref().to_vec());
             }
-            Event::Empty(element) => {
-                if in_app_settings(&path) {
-                    apply_setting(&element, &mut settings)?;
-                }
+            Event::Empty(element) if in_app_settings(&path) => {
+                apply_setting(&element, &mut settings)?;
             }
             Event::End(_) => {
                 path.pop();
@@ -331,38 +329,40 @@ pub fn expand_vars(input: &str, lookup: impl Fn(&str) -> Option<String>) -> Stri
     let mut rest = input;
     while let Some(pos) = rest.find(['%', '$']) {
         out.push_str(&rest[..pos]);
-        let tail = &rest[pos..];
-        let (name, consumed) = if tail.starts_with('%') {
-            match tail[1..].find('%') {
-                Some(end) if end > 0 => (&tail[1..1 + end], end + 2),
-                _ => ("", 0),
-            }
-        } else if cfg!(unix) && tail.starts_with("${") {
-            match tail[2..].find('}') {
-                Some(end) if end > 0 => (&tail[2..2 + end], end + 3),
-                _ => ("", 0),
-            }
-        } else if cfg!(unix) {
-            let len = tail[1..]
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(tail.len() - 1);
-            (&tail[1..1 + len], len + 1)
-        } else {
-            ("", 0)
-        };
-        match (consumed, lookup(name)) {
-            (n, Some(value)) if n > 0 && !name.is_empty() => {
+        rest = &rest[pos..];
+        match variable_at(rest).and_then(|(name, len)| Some((lookup(name)?, len))) {
+            Some((value, len)) => {
                 out.push_str(&value);
-                rest = &tail[n..];
+                rest = &rest[len..];
             }
-            _ => {
-                out.push_str(&tail[..1]);
-                rest = &tail[1..];
+            None => {
+                out.push_str(&rest[..1]);
+                rest = &rest[1..];
             }
         }
     }
     out.push_str(rest);
     out
+}
+
+/// The variable named at the start of `text`, and how many bytes name it.
+fn variable_at(text: &str) -> Option<(&str, usize)> {
+    if let Some(after) = text.strip_prefix('%') {
+        let end = after.find('%')?;
+        return (end > 0).then(|| (&after[..end], end + 2));
+    }
+    if !cfg!(unix) {
+        return None;
+    }
+    let after = text.strip_prefix('$')?;
+    if let Some(braced) = after.strip_prefix('{') {
+        let end = braced.find('}')?;
+        return (end > 0).then(|| (&braced[..end], end + 3));
+    }
+    let len = after
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(after.len());
+    (len > 0).then(|| (&after[..len], len + 1))
 }
 
 /// `;` separates entries everywhere (the web.config convention); `:` too on Unix.

@@ -105,7 +105,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             stream,
             read_buf: BytesMut::with_capacity(READ_CHUNK),
-            decoder: RecordDecoder::default(),
+            decoder: RecordDecoder,
             replies: BytesMut::new(),
             state: State::Idle,
             draining: None,

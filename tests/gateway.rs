@@ -25,10 +25,18 @@ fn hello_over_the_iis_stream_with_request_ids_cycling_past_255() {
         let response = client.get(id, &params);
         assert_eq!(response.status, 200, "request {n}: {response:?}");
         assert_eq!(response.body, b"Hello, World!\n");
-        assert_eq!(response.protocol_status, ProtocolStatus::RequestComplete as u8);
+        assert_eq!(
+            response.protocol_status,
+            ProtocolStatus::RequestComplete as u8
+        );
         assert!(response.stderr.is_empty());
         assert!(
-            response.stdout_records.iter().rev().skip(1).all(|&len| len > 0),
+            response
+                .stdout_records
+                .iter()
+                .rev()
+                .skip(1)
+                .all(|&len| len > 0),
             "no empty STDOUT record but the last: {:?}",
             response.stdout_records
         );
@@ -37,9 +45,13 @@ fn hello_over_the_iis_stream_with_request_ids_cycling_past_255() {
     // The end of the IIS stream ends the process cleanly.
     gateway.close_stream();
     drop(client);
-    let status = gateway.wait_exit(Duration::from_secs(20)).expect("exits after the stream ends");
+    let status = gateway
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits after the stream ends");
     assert!(status.success(), "{status:?}");
-    assert!(app.wait_for_log("WSGI handler \"hello.app\" loaded").contains("loaded"));
+    assert!(app
+        .wait_for_log("WSGI handler \"hello.app\" loaded")
+        .contains("loaded"));
 }
 
 #[test]
@@ -66,7 +78,10 @@ fn bodies_split_into_random_stdin_records() {
     let (app, mut gateway) = iis_gateway("echo.app", &[]);
     let mut client = gateway.client();
     let mut rng = XorShift(42);
-    for (n, len) in [0usize, 1, 65535, 65536, 10 * 1024 * 1024].into_iter().enumerate() {
+    for (n, len) in [0usize, 1, 65535, 65536, 10 * 1024 * 1024]
+        .into_iter()
+        .enumerate()
+    {
         let body = bytes_of(len, n as u64 + 1);
         let mut params = app.iis_params("POST", "/echo");
         set_param(&mut params, "CONTENT_LENGTH", &len.to_string());
@@ -85,7 +100,13 @@ fn bodies_split_into_random_stdin_records() {
         let mut rest = &body[..];
         while !rest.is_empty() {
             let size = (rng.below(65535) as usize + 1).min(rest.len());
-            push_record(&mut raw, RecordType::Stdin, id, &rest[..size], rng.below(4) as u8);
+            push_record(
+                &mut raw,
+                RecordType::Stdin,
+                id,
+                &rest[..size],
+                rng.below(4) as u8,
+            );
             rest = &rest[size..];
         }
         push_record(&mut raw, RecordType::Stdin, id, b"", 0);
@@ -103,7 +124,12 @@ fn get_values_unknown_type_and_unknown_role() {
     let mut client = gateway.client();
     let mut raw = BytesMut::new();
     let mut names = BytesMut::new();
-    for name in ["FCGI_MAX_CONNS", "FCGI_MAX_REQS", "FCGI_MPXS_CONNS", "FCGI_UNKNOWN_NAME"] {
+    for name in [
+        "FCGI_MAX_CONNS",
+        "FCGI_MAX_REQS",
+        "FCGI_MPXS_CONNS",
+        "FCGI_UNKNOWN_NAME",
+    ] {
         protocol::encode_name_value(&mut names, name.as_bytes(), b"");
     }
     protocol::encode_header(&mut raw, RecordType::GetValues, 0, names.len() as u16, 0);
@@ -113,16 +139,28 @@ fn get_values_unknown_type_and_unknown_role() {
         panic!("expected FCGI_GET_VALUES_RESULT");
     };
     let values = protocol::decode_name_values(&content, &Default::default()).expect("pairs");
-    assert_eq!(values.get(b"FCGI_MAX_CONNS").map(|v| &v[..]), Some(&b"1"[..]));
-    assert_eq!(values.get(b"FCGI_MAX_REQS").map(|v| &v[..]), Some(&b"1"[..]));
-    assert_eq!(values.get(b"FCGI_MPXS_CONNS").map(|v| &v[..]), Some(&b"0"[..]));
+    assert_eq!(
+        values.get(b"FCGI_MAX_CONNS").map(|v| &v[..]),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        values.get(b"FCGI_MAX_REQS").map(|v| &v[..]),
+        Some(&b"1"[..])
+    );
+    assert_eq!(
+        values.get(b"FCGI_MPXS_CONNS").map(|v| &v[..]),
+        Some(&b"0"[..])
+    );
     assert_eq!(values.len(), 3, "unknown names are left out");
 
     let mut unknown = Vec::new();
     push_record(&mut unknown, RecordType::BeginRequest, 0, b"", 0);
     unknown[1] = 42; // a record type FastCGI 1.0 does not define
     client.write_raw(&unknown);
-    assert_eq!(client.read_record(), Some(Record::UnknownType { record_type: 42 }));
+    assert_eq!(
+        client.read_record(),
+        Some(Record::UnknownType { record_type: 42 })
+    );
 
     for role in [Role::Authorizer, Role::Filter] {
         let mut begin = BytesMut::new();
@@ -191,29 +229,64 @@ fn without_keep_conn_the_connection_closes_after_the_response() {
     request.keep_conn = false;
     let response = client.request(&request);
     assert_eq!(response.status, 200);
-    assert!(client.is_closed(), "closed after a request without FCGI_KEEP_CONN");
+    assert!(
+        client.is_closed(),
+        "closed after a request without FCGI_KEEP_CONN"
+    );
     let mut client = gateway.connect();
-    assert_eq!(client.get(1, &params).status, 200, "kept open with FCGI_KEEP_CONN");
+    assert_eq!(
+        client.get(1, &params).status,
+        200,
+        "kept open with FCGI_KEEP_CONN"
+    );
     assert_eq!(client.get(2, &params).status, 200);
 }
 
 #[test]
 fn the_embedded_interpreter_is_the_one_the_build_used() {
-    let (app, mut gateway) = iis_gateway("hello.sys_app", &[("WFASTCGI_TEST_SETTING", "from web.config")]);
+    let (app, mut gateway) = iis_gateway(
+        "hello.sys_app",
+        &[("WFASTCGI_TEST_SETTING", "from web.config")],
+    );
     let mut client = gateway.client();
     let json = client.get(1, &app.iis_params("GET", "/")).json();
     let build_python = std::process::Command::new(env!("WFASTCGI_BUILD_PYTHON"))
         .args(["-c", "import sys; print(sys.version.split()[0])"])
         .output()
         .expect("run the build interpreter");
-    let build_version = String::from_utf8_lossy(&build_python.stdout).trim().to_owned();
-    assert_eq!(json["version"], build_version.as_str(), "not another libpython on the loader path");
-    let app_dir = app.path().canonicalize().expect("path").to_string_lossy().into_owned();
+    let build_version = String::from_utf8_lossy(&build_python.stdout)
+        .trim()
+        .to_owned();
+    assert_eq!(
+        json["version"],
+        build_version.as_str(),
+        "not another libpython on the loader path"
+    );
+    let app_dir = app
+        .path()
+        .canonicalize()
+        .expect("path")
+        .to_string_lossy()
+        .into_owned();
     assert_eq!(json["cwd"], app_dir.as_str(), "chdir to the app folder");
-    assert_eq!(json["path"][0], app_dir.as_str(), "app folder first on sys.path");
+    assert_eq!(
+        json["path"][0],
+        app_dir.as_str(),
+        "app folder first on sys.path"
+    );
     let apps = apps_dir().to_string_lossy().into_owned();
-    assert!(json["path"].as_array().expect("list").iter().any(|p| p == apps.as_str()), "PYTHONPATH appended");
-    assert_eq!(json["settings_env"], "from web.config", "app settings reach os.environ");
+    assert!(
+        json["path"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|p| p == apps.as_str()),
+        "PYTHONPATH appended"
+    );
+    assert_eq!(
+        json["settings_env"], "from web.config",
+        "app settings reach os.environ"
+    );
 }
 
 #[test]
@@ -241,10 +314,15 @@ fn environ_follows_pep_3333_and_wfastcgi() {
     assert_eq!(env["wsgi.multiprocess"], true);
     assert_eq!(env["wsgi.run_once"], false);
     assert_eq!(env["wsgi.input_terminated"], true);
-    assert!(env.get("CONTENT_LENGTH").is_none(), "empty CONTENT_LENGTH is left out");
+    assert!(
+        env.get("CONTENT_LENGTH").is_none(),
+        "empty CONTENT_LENGTH is left out"
+    );
 
     // Root site: SCRIPT_NAME cleared, PATH_INFO from IIS without the query.
-    let env = client.get(2, &app.iis_params("GET", "/polls/3/?page=2")).json();
+    let env = client
+        .get(2, &app.iis_params("GET", "/polls/3/?page=2"))
+        .json();
     assert_eq!(env["SCRIPT_NAME"], "");
     assert_eq!(env["PATH_INFO"], "/polls/3/");
     assert_eq!(env["wsgi.url_scheme"], "http");
@@ -255,15 +333,24 @@ fn script_name_and_allow_path_info_settings() {
     let (app, mut gateway) = iis_gateway("hello.environ_app", &[("SCRIPT_NAME", "/App")]);
     let mut client = gateway.client();
     let env = client.get(1, &app.iis_params("GET", "/app/page")).json();
-    assert_eq!((env["SCRIPT_NAME"].as_str(), env["PATH_INFO"].as_str()), (Some("/app"), Some("/page")));
+    assert_eq!(
+        (env["SCRIPT_NAME"].as_str(), env["PATH_INFO"].as_str()),
+        (Some("/app"), Some("/page"))
+    );
 
-    let (app, mut gateway) = iis_gateway("hello.environ_app", &[("AllowPathInfoForScriptMappings", "1")]);
+    let (app, mut gateway) = iis_gateway(
+        "hello.environ_app",
+        &[("AllowPathInfoForScriptMappings", "1")],
+    );
     let mut client = gateway.client();
     let mut params = app.iis_params("GET", "/handler.fcgi/rest");
     set_param(&mut params, "SCRIPT_NAME", "/handler.fcgi");
     set_param(&mut params, "PATH_INFO", "/rest");
     let env = client.get(1, &params).json();
-    assert_eq!((env["SCRIPT_NAME"].as_str(), env["PATH_INFO"].as_str()), (Some("/handler.fcgi"), Some("/rest")));
+    assert_eq!(
+        (env["SCRIPT_NAME"].as_str(), env["PATH_INFO"].as_str()),
+        (Some("/handler.fcgi"), Some("/rest"))
+    );
 }
 
 #[test]
@@ -276,7 +363,13 @@ fn wsgiref_validator_passes() {
         set_param(&mut params, "CONTENT_LENGTH", &body.len().to_string());
         set_param(&mut params, "CONTENT_TYPE", "text/plain");
         let response = client.request(&Send::new(1, &params).body(body));
-        assert_eq!(response.status, 200, "{handler}: {} {}", response.text(), response.stderr_text());
+        assert_eq!(
+            response.status,
+            200,
+            "{handler}: {} {}",
+            response.text(),
+            response.stderr_text()
+        );
         assert!(response.stderr.is_empty(), "{}", response.stderr_text());
     }
 }
@@ -291,11 +384,17 @@ fn streaming_generator_and_write_callable() {
 
     let (app, mut gateway) = iis_gateway("stream.write_app", &[]);
     let mut client = gateway.client();
-    assert_eq!(client.get(1, &app.iis_params("GET", "/")).text(), "one\ntwo\nend");
+    assert_eq!(
+        client.get(1, &app.iis_params("GET", "/")).text(),
+        "one\ntwo\nend"
+    );
 
     let (app, mut gateway) = iis_gateway("stream.lazy_app", &[]);
     let mut client = gateway.client();
-    assert_eq!(client.get(1, &app.iis_params("GET", "/?n=3&size=2")).text(), "xxxxxx");
+    assert_eq!(
+        client.get(1, &app.iis_params("GET", "/?n=3&size=2")).text(),
+        "xxxxxx"
+    );
 }
 
 #[test]
@@ -318,7 +417,12 @@ fn input_reading_methods() {
     let mut params = app.iis_params("POST", "/");
     set_param(&mut params, "CONTENT_LENGTH", &body.len().to_string());
     let json = client.request(&Send::new(1, &params).body(body)).json();
-    let lengths: Vec<u64> = json["lines"].as_array().expect("list").iter().filter_map(|v| v.as_u64()).collect();
+    let lengths: Vec<u64> = json["lines"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
     assert!(lengths.iter().all(|&n| n <= 10), "{lengths:?}");
     assert_eq!(lengths.iter().sum::<u64>(), body.len() as u64);
 
@@ -359,8 +463,14 @@ fn abort_stops_the_response_and_closes_the_iterable() {
     protocol::encode_abort_request(&mut abort, 7);
     client.write_raw(&abort);
     let response = client.read_response(7);
-    assert!(response.body.len() < 500, "stopped early: {} bytes", response.body.len());
-    assert!(app.wait_for_log("aborted").contains("request aborted by the web server"));
+    assert!(
+        response.body.len() < 500,
+        "stopped early: {} bytes",
+        response.body.len()
+    );
+    assert!(app
+        .wait_for_log("aborted")
+        .contains("request aborted by the web server"));
     // The connection and the process keep serving.
     let response = client.get(8, &app.iis_params("GET", "/?n=1&size=3&sleep=0"));
     assert_eq!(response.text(), "xxx");
@@ -371,7 +481,10 @@ fn close_is_called_once_per_request_and_on_abort() {
     let (app, mut gateway) = iis_gateway("errors.tracked", &[]);
     let mut client = gateway.client();
     for id in 1..=3 {
-        assert_eq!(client.get(id, &app.iis_params("GET", "/")).text(), "tracked");
+        assert_eq!(
+            client.get(id, &app.iis_params("GET", "/")).text(),
+            "tracked"
+        );
     }
     assert_eq!(client.get(4, &app.iis_params("GET", "/count")).text(), "3");
     client.send(&Send::new(5, &app.iis_params("GET", "/slow")));
@@ -404,7 +517,13 @@ fn standard_input_that_is_not_a_connection_is_an_error() {
         .expect("run");
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("standard input is not a socket"), "{stderr}");
-    let output = std::process::Command::new(BINARY).arg("--version").output().expect("run");
+    assert!(
+        stderr.contains("standard input is not a socket"),
+        "{stderr}"
+    );
+    let output = std::process::Command::new(BINARY)
+        .arg("--version")
+        .output()
+        .expect("run");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("wfastcgi "));
 }

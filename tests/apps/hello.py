@@ -70,3 +70,13 @@ def sys_app(environ, start_response):
     }).encode("utf-8")
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
+
+
+class _Factory:
+    """For a WSGI_HANDLER with a call in the middle: ``hello.make().app``."""
+
+    app = staticmethod(app)
+
+
+def make():
+    return _Factory()

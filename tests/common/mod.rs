@@ -408,20 +408,55 @@ impl<S: Read + Write> Client<S> {
     pub fn encode(request: &Send<'_>) -> Vec<u8> {
         let mut out = Vec::new();
         let mut begin = BytesMut::new();
-        protocol::encode_begin_request(&mut begin, request.request_id, Role::Responder, request.keep_conn);
-        push_record(&mut out, RecordType::BeginRequest, request.request_id, &begin[8..], request.padding);
+        protocol::encode_begin_request(
+            &mut begin,
+            request.request_id,
+            Role::Responder,
+            request.keep_conn,
+        );
+        push_record(
+            &mut out,
+            RecordType::BeginRequest,
+            request.request_id,
+            &begin[8..],
+            request.padding,
+        );
         let mut params = BytesMut::new();
         for (k, v) in request.params {
             protocol::encode_name_value(&mut params, k.as_bytes(), v.as_bytes());
         }
         for chunk in params.chunks(65535) {
-            push_record(&mut out, RecordType::Params, request.request_id, chunk, request.padding);
+            push_record(
+                &mut out,
+                RecordType::Params,
+                request.request_id,
+                chunk,
+                request.padding,
+            );
         }
-        push_record(&mut out, RecordType::Params, request.request_id, b"", request.padding);
+        push_record(
+            &mut out,
+            RecordType::Params,
+            request.request_id,
+            b"",
+            request.padding,
+        );
         for chunk in request.body.chunks(request.stdin_record.max(1)) {
-            push_record(&mut out, RecordType::Stdin, request.request_id, chunk, request.padding);
+            push_record(
+                &mut out,
+                RecordType::Stdin,
+                request.request_id,
+                chunk,
+                request.padding,
+            );
         }
-        push_record(&mut out, RecordType::Stdin, request.request_id, b"", request.padding);
+        push_record(
+            &mut out,
+            RecordType::Stdin,
+            request.request_id,
+            b"",
+            request.padding,
+        );
         out
     }
 
@@ -443,13 +478,19 @@ impl<S: Read + Write> Client<S> {
     pub fn read_record(&mut self) -> Option<Record> {
         let mut decoder = RecordDecoder;
         loop {
-            if let Some(record) = decoder.decode(&mut self.buf).expect("valid record from wfastcgi") {
+            if let Some(record) = decoder
+                .decode(&mut self.buf)
+                .expect("valid record from wfastcgi")
+            {
                 return Some(record);
             }
             let mut chunk = [0u8; 65536];
             let n = self.stream.read(&mut chunk).expect("read from wfastcgi");
             if n == 0 {
-                assert!(self.buf.is_empty(), "wfastcgi closed the stream inside a record");
+                assert!(
+                    self.buf.is_empty(),
+                    "wfastcgi closed the stream inside a record"
+                );
                 return None;
             }
             self.buf.extend_from_slice(&chunk[..n]);
@@ -464,8 +505,14 @@ impl<S: Read + Write> Client<S> {
             ..Default::default()
         };
         loop {
-            let record = self.read_record().expect("wfastcgi closed the stream before END_REQUEST");
-            assert_eq!(record.request_id(), request_id, "record for another request: {record:?}");
+            let record = self
+                .read_record()
+                .expect("wfastcgi closed the stream before END_REQUEST");
+            assert_eq!(
+                record.request_id(),
+                request_id,
+                "record for another request: {record:?}"
+            );
             match record {
                 Record::Stdout { content, .. } => {
                     response.stdout_records.push(content.len());
@@ -494,7 +541,13 @@ impl<S: Read + Write> Client<S> {
     }
 }
 
-pub fn push_record(out: &mut Vec<u8>, record_type: RecordType, id: u16, content: &[u8], padding: u8) {
+pub fn push_record(
+    out: &mut Vec<u8>,
+    record_type: RecordType,
+    id: u16,
+    content: &[u8],
+    padding: u8,
+) {
     let mut header = BytesMut::new();
     protocol::encode_header(&mut header, record_type, id, content.len() as u16, padding);
     out.extend_from_slice(&header);
@@ -509,7 +562,8 @@ fn parse_cgi(stdout: &[u8], response: &mut Response) {
     };
     let head = String::from_utf8_lossy(&stdout[..split]).into_owned();
     for line in head.split("\r\n") {
-        if let Some((name, value)) = line.split_once(": ") {
+        if let Some((name, value)) = line.split_once(':') {
+            let value = value.trim();
             if name.eq_ignore_ascii_case("Status") {
                 response.status = value[..3].parse().unwrap_or(0);
             }
@@ -542,4 +596,3 @@ pub fn bytes_of(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = XorShift(seed | 1);
     (0..len).map(|_| rng.next() as u8).collect()
 }
-
