@@ -527,3 +527,32 @@ fn standard_input_that_is_not_a_connection_is_an_error() {
         .expect("run");
     assert!(String::from_utf8_lossy(&output.stdout).starts_with("wfastcgi "));
 }
+
+#[test]
+fn a_malformed_record_closes_only_that_connection() {
+    let app = AppDir::new("hello.app", &[]);
+    let gateway = Gateway::bind(
+        Address::Tcp(free_tcp_address()),
+        app.path(),
+        &["--threads", "1"],
+    );
+    let params = app.iis_params("GET", "/");
+    let mut bad = gateway.connect();
+    bad.write_raw(&[2, 1, 0, 1, 0, 8, 0, 0]); // version 2
+    assert!(bad.is_closed(), "a protocol error closes the connection");
+    let log = app.wait_for_log("protocol error");
+    assert!(log.contains("unsupported FastCGI version 2"), "{log}");
+    // A truncated record at end of stream is reported too.
+    let mut truncated = gateway.connect();
+    truncated.write_raw(&[1, 1, 0, 1, 0, 8]);
+    drop(truncated);
+    assert!(app
+        .wait_for_log("stream ended inside a record")
+        .contains("stream ended inside a record"));
+    let mut good = gateway.connect();
+    assert_eq!(
+        good.get(1, &params).status,
+        200,
+        "the process keeps serving"
+    );
+}
