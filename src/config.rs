@@ -133,6 +133,23 @@ impl AppConfig {
         Ok(Duration::from_secs(seconds))
     }
 
+    /// `WSGI_WATCHER_POLL=<seconds>`: poll instead of change notifications (network shares).
+    pub fn watcher_poll(&self) -> Result<Option<Duration>> {
+        match self.get_nonempty("WSGI_WATCHER_POLL") {
+            None => Ok(None),
+            Some(value) => match value.trim().parse::<f64>() {
+                Ok(seconds) if seconds > 0.0 && seconds.is_finite() => {
+                    Ok(Some(Duration::from_secs_f64(seconds)))
+                }
+                _ => Err(invalid(
+                    "WSGI_WATCHER_POLL",
+                    &value,
+                    "a number of seconds above 0",
+                )),
+            },
+        }
+    }
+
     pub fn log_path(&self) -> Option<PathBuf> {
         self.get_nonempty("WSGI_LOG")
             .map(|p| self.app_dir.join(p.trim()))

@@ -244,6 +244,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         self.draining = None;
+        if self.close_after_request {
+            // A shutdown started: requests already begun finish, new ones are turned away.
+            return self.refuse(request_id, keep_conn, "the server is shutting down");
+        }
         if role != Role::Responder {
             tracing::warn!(
                 request_id,
@@ -298,33 +302,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Queues the job for a worker, or answers 503 at once when every worker and queue slot is
-    /// taken or the server is shutting down.
+    /// taken.
     fn start(&mut self, request_id: u16, keep_conn: bool, params: protocol::Params) {
         let (job, handles) = exchange::job(request_id, params);
-        let refusal = if self.close_after_request {
-            Some("the server is shutting down")
-        } else {
-            match self.context.jobs.submit(job) {
-                Ok(()) => None,
-                Err(SubmitError::Full) => Some("every worker is busy and the queue is full"),
-                Err(SubmitError::Closed) => Some("the server is shutting down"),
+        match self.context.jobs.submit(job) {
+            Ok(()) => {}
+            Err(SubmitError::Full) => {
+                return self.refuse(
+                    request_id,
+                    keep_conn,
+                    "every worker is busy and the queue is full",
+                )
             }
-        };
-        if let Some(reason) = refusal {
-            tracing::warn!(request_id, "request refused with 503: {reason}");
-            let mut encoder = ResponseEncoder::new(request_id);
-            exchange::simple_response(
-                &mut encoder,
-                "503 Service Unavailable",
-                &[("Retry-After", "1")],
-                b"Service Unavailable\n",
-            );
-            self.replies.extend_from_slice(&encoder.finish(0));
-            self.draining = Some(request_id);
-            if !keep_conn {
-                self.close_after_request = true;
+            Err(SubmitError::Closed) => {
+                return self.refuse(request_id, keep_conn, "the server is shutting down")
             }
-            return;
         }
         self.state = State::Running(Running {
             request_id,
@@ -333,6 +325,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             handles,
             pending_body: None,
         });
+    }
+
+    /// Answers `503 Service Unavailable` with Retry-After and drops the rest of the request.
+    fn refuse(&mut self, request_id: u16, keep_conn: bool, reason: &str) {
+        tracing::warn!(request_id, "request refused with 503: {reason}");
+        let mut encoder = ResponseEncoder::new(request_id);
+        exchange::simple_response(
+            &mut encoder,
+            "503 Service Unavailable",
+            &[("Retry-After", "1")],
+            b"Service Unavailable\n",
+        );
+        self.replies.extend_from_slice(&encoder.finish(0));
+        self.draining = Some(request_id);
+        if !keep_conn {
+            self.close_after_request = true;
+        }
     }
 
     fn on_stdin(&mut self, request_id: u16, content: Bytes) {

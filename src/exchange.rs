@@ -228,3 +228,16 @@ pub fn simple_response(
     encoder.stdout(head.as_bytes());
     encoder.stdout(body);
 }
+
+/// Answers a job with a 500 whose body is `notice`: a deployment problem the administrator must
+/// see (IIS shows the body), reported once.
+pub fn respond_notice(job: Job, notice: &str) {
+    let mut encoder = ResponseEncoder::new(job.response.request_id());
+    simple_response(
+        &mut encoder,
+        "500 Internal Server Error",
+        &[],
+        format!("wfastcgi: {notice}\n").as_bytes(),
+    );
+    let _ = job.response.send_blocking(Output::End(encoder.finish(0)));
+}

@@ -14,7 +14,8 @@ use crate::exchange::Job;
 use crate::protocol::ParamLimits;
 use crate::python::{self, App, Deployment};
 use crate::server::Transport;
-use crate::{logging, shutdown, worker};
+use crate::watcher::{self, WatchSettings};
+use crate::{exchange, logging, shutdown, worker};
 
 /// Requests waiting for a worker beyond those being served; more get a 503.
 const QUEUE_CAPACITY: usize = 64;
@@ -56,29 +57,81 @@ enum AppState {
     },
 }
 
+/// The application folder and what was read from it.
+struct Site {
+    app_dir: PathBuf,
+    config: Result<AppConfig, String>,
+    /// A problem the first request's response reports (a log file that cannot be opened).
+    notice: Option<String>,
+}
+
+impl Site {
+    /// At start-up: a configuration that cannot be read stops the process.
+    fn eager(dir: PathBuf, options: &Options) -> Result<Site> {
+        let config = AppConfig::load(&dir, options.overrides())?;
+        let notice = open_log(&config);
+        python::interpreter::start(config.venv().as_deref())?;
+        Ok(Site {
+            app_dir: config.app_dir.clone(),
+            config: Ok(config),
+            notice,
+        })
+    }
+
+    /// Under IIS: the folder is the first request's APPL_PHYSICAL_PATH. Every problem here is
+    /// answered with a 500 that explains it, and the folder is still watched for the fix.
+    fn lazy(job: &Job, options: &Options) -> Site {
+        let app_dir = match (&options.app_dir, job.params.get(b"APPL_PHYSICAL_PATH")) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(path)) => PathBuf::from(String::from_utf8_lossy(path).into_owned()),
+            (None, None) => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+        };
+        match AppConfig::load(&app_dir, options.overrides()) {
+            Ok(config) => Site {
+                app_dir: config.app_dir.clone(),
+                notice: open_log(&config),
+                config: Ok(config),
+            },
+            Err(e) => Site {
+                app_dir,
+                config: Err(format!("{e:#}")),
+                notice: None,
+            },
+        }
+    }
+
+    fn watch_settings(&self) -> WatchSettings {
+        let mut roots = vec![self.app_dir.clone()];
+        let (pattern, poll_interval) = match &self.config {
+            Ok(config) => {
+                roots.extend(config.watcher_dirs());
+                let poll = config.watcher_poll().unwrap_or_else(|e| {
+                    tracing::error!("{e:#}; using change notifications");
+                    None
+                });
+                (config.restart_regex(), poll)
+            }
+            Err(_) => (Some(config::DEFAULT_RESTART_REGEX.to_owned()), None),
+        };
+        WatchSettings {
+            roots,
+            pattern,
+            poll_interval,
+        }
+    }
+}
+
 pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let iis_stream = transport.is_stream();
     // Under IIS the app folder is the first request's APPL_PHYSICAL_PATH, so Python starts
     // then; otherwise it starts now, so a broken set-up fails before the first request.
-    let eager_dir = match (&options.app_dir, iis_stream) {
-        (Some(dir), _) => Some(dir.clone()),
-        (None, false) => Some(std::env::current_dir().context("no working directory")?),
+    let eager_site = match (&options.app_dir, iis_stream) {
+        (Some(dir), _) => Some(Site::eager(dir.clone(), &options)?),
+        (None, false) => Some(Site::eager(
+            std::env::current_dir().context("no working directory")?,
+            &options,
+        )?),
         (None, true) => None,
-    };
-    let deployment_threads = |config: &AppConfig| -> Result<usize> {
-        match config.get("WSGI_THREADS") {
-            Some(value) => config::parse_count("WSGI_THREADS", &value),
-            None => Ok(if iis_stream { 1 } else { 4 }),
-        }
-    };
-    let eager_config = match &eager_dir {
-        Some(dir) => {
-            let config = AppConfig::load(dir, options.overrides())?;
-            open_log(&config);
-            python::interpreter::start(config.venv().as_deref())?;
-            Some(config)
-        }
-        None => None,
     };
 
     let (jobs, job_receiver) = worker::queue(QUEUE_CAPACITY);
@@ -99,75 +152,96 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the I/O runtime")?;
+    let server_trigger = trigger.clone();
     let server = std::thread::Builder::new()
         .name("wfastcgi-io".into())
-        .spawn(move || {
-            runtime.block_on(crate::server::run(
-                transport,
-                context,
-                trigger,
-                DEFAULT_GRACE,
-            ))
-        })
+        .spawn(move || runtime.block_on(crate::server::run(transport, context, server_trigger)))
         .context("cannot start the I/O thread")?;
 
-    let (config, first_job) = match eager_config {
-        Some(config) => (Some(Ok(config)), None),
+    let (site, first_job) = match eager_site {
+        Some(site) => (Some(site), None),
         None => match job_receiver.recv() {
-            Ok(job) => (Some(lazy_config(&job, &options)), Some(job)),
+            Ok(job) => (Some(Site::lazy(&job, &options)), Some(job)),
             Err(_) => (None, None), // the web server left before sending a request
         },
     };
-    if let Some(config) = config {
-        let threads = match config.as_ref().map(deployment_threads) {
-            Ok(Ok(threads)) => threads,
-            Ok(Err(e)) => {
-                tracing::error!("{e:#}; using 1 thread");
-                1
+    if let Some(site) = site {
+        watcher::spawn(site.watch_settings(), trigger.clone());
+        let threads = match &site.config {
+            Ok(config) => {
+                shutdown::set_grace(config.restart_grace().unwrap_or_else(|e| {
+                    tracing::error!("{e:#}; using 30 s");
+                    DEFAULT_GRACE
+                }));
+                threads(config, iis_stream)
             }
             Err(_) => 1,
         };
-        let state = load(
-            config,
-            Deployment {
-                multithread: threads > 1,
-                multiprocess: options.multiprocess,
-            },
-        );
+        let mut first_job = first_job;
+        if let Some(notice) = &site.notice {
+            if let Some(job) = first_job.take().or_else(|| job_receiver.recv().ok()) {
+                exchange::respond_notice(job, notice);
+            }
+        }
+        let deployment = Deployment {
+            multithread: threads > 1,
+            multiprocess: options.multiprocess,
+        };
+        let state = load(site.config, deployment);
         run_workers(&state, threads, first_job, &job_receiver);
     }
-    if server.join().is_err() {
+    let listener = server.join().unwrap_or_else(|_| {
         tracing::error!("the I/O thread panicked");
+        None
+    });
+    python::interpreter::finalize(shutdown::grace());
+    match listener {
+        #[cfg(unix)]
+        Some(listener) => {
+            tracing::info!("restarting: the listening socket stays open across the restart");
+            logging::flush();
+            let error = crate::server::reexec(listener);
+            Err(anyhow::anyhow!("cannot restart: {error}"))
+        }
+        _ => {
+            tracing::info!("exiting");
+            logging::flush();
+            Ok(())
+        }
     }
-    python::interpreter::finalize(DEFAULT_GRACE);
-    tracing::info!("exiting");
-    logging::flush();
-    Ok(())
 }
 
-/// Under IIS: the app folder is the first request's APPL_PHYSICAL_PATH.
-fn lazy_config(job: &Job, options: &Options) -> Result<AppConfig, String> {
-    let dir = match &options.app_dir {
-        Some(dir) => dir.clone(),
-        None => match job.params.get(b"APPL_PHYSICAL_PATH") {
-            Some(path) => PathBuf::from(String::from_utf8_lossy(path).into_owned()),
-            None => std::env::current_dir().map_err(|e| format!("no working directory: {e}"))?,
-        },
-    };
-    let config = AppConfig::load(&dir, options.overrides()).map_err(|e| format!("{e:#}"))?;
-    open_log(&config);
-    Ok(config)
+fn threads(config: &AppConfig, iis_stream: bool) -> usize {
+    match config.get("WSGI_THREADS") {
+        None => {
+            if iis_stream {
+                1
+            } else {
+                4
+            }
+        }
+        Some(value) => config::parse_count("WSGI_THREADS", &value).unwrap_or_else(|e| {
+            tracing::error!("{e:#}; using 1 thread");
+            1
+        }),
+    }
 }
 
-fn open_log(config: &AppConfig) {
+/// Opens the log file the configuration names; returns the problem when it cannot.
+fn open_log(config: &AppConfig) -> Option<String> {
     let level = config.log_level().unwrap_or_else(|e| {
         tracing::warn!("{e}; logging at INFO");
         tracing::Level::INFO
     });
+    let mut notice = None;
     if let Some(path) = config.log_path() {
-        let rotation = config.log_rotation().unwrap_or(config::LogRotation::Never);
+        let rotation = config.log_rotation().unwrap_or_else(|e| {
+            tracing::warn!("{e}; not rotating");
+            config::LogRotation::Never
+        });
         if let Err(e) = logging::open_file(&path, level, rotation) {
             tracing::error!("{e:#}");
+            notice = Some(format!("{e:#}; logging is off until the next start"));
         }
     }
     tracing::info!(
@@ -180,6 +254,7 @@ fn open_log(config: &AppConfig) {
             .map(|p| format!(" with {}", p.display()))
             .unwrap_or_default()
     );
+    notice
 }
 
 fn load(config: Result<AppConfig, String>, deployment: Deployment) -> AppState {

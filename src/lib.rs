@@ -10,4 +10,5 @@ pub mod python;
 pub mod routing;
 pub mod server;
 pub mod shutdown;
+pub mod watcher;
 pub mod worker;

@@ -49,15 +49,28 @@ struct AppArgs {
     threads: Option<usize>,
 }
 
+#[cfg(unix)]
+fn activation_transport() -> Option<Transport> {
+    Transport::from_activation()
+}
+
+#[cfg(not(unix))]
+fn activation_transport() -> Option<Transport> {
+    None
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (bind, app) = match cli.command {
         Some(Command::Serve { bind, app }) => (bind, app),
         None => (None, cli.app),
     };
-    let transport = match &bind {
-        Some(address) => Transport::bind(address),
-        None => Transport::from_stdin().map_err(|e| match e {
+    // A socket passed by systemd, or by this binary restarting itself, wins over --bind.
+    let activated = activation_transport();
+    let transport = match (activated, &bind) {
+        (Some(transport), _) => Ok(transport),
+        (None, Some(address)) => Transport::bind(address),
+        (None, None) => Transport::from_stdin().map_err(|e| match e {
             StdinError::Terminal => anyhow::anyhow!(
                 "standard input is a terminal, not a FastCGI connection.\n\
                  IIS starts wfastcgi with a pipe on standard input; to serve by hand, run\n  \

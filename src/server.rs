@@ -5,6 +5,9 @@
 //! - fd 0 a listening socket: IIS's Tcp protocol, FCGI_LISTENSOCK_FILENO (spawn-fcgi, lighttpd,
 //!   mod_fcgid). Told apart from a stream by SO_ACCEPTCONN.
 //! - `--bind 127.0.0.1:9000` or `--bind unix:/path`: a socket we bind.
+//! - systemd socket activation (`LISTEN_FDS`/`LISTEN_PID`, fd 3). A restart in the listening
+//!   modes re-executes the binary the same way, so the socket stays open across it and no
+//!   connection is refused.
 
 use std::io;
 use std::path::PathBuf;
@@ -66,6 +69,26 @@ impl Transport {
         })
     }
 
+    /// The socket systemd (or our own restart) passed as fd 3, if `LISTEN_PID` is this process.
+    /// The variables are removed so the application's child processes do not see them.
+    #[cfg(unix)]
+    pub fn from_activation() -> Option<Transport> {
+        use std::os::fd::FromRawFd;
+        const FIRST_FD: i32 = 3;
+        let for_us = std::env::var("LISTEN_PID").ok()?.parse::<u32>().ok()? == std::process::id();
+        let count: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+        if !for_us || count < 1 {
+            return None;
+        }
+        // SAFETY: by the socket activation protocol fd 3 is an open listening socket handed to
+        // this process, and nothing else in it owns that descriptor.
+        let socket = unsafe { Socket::from_raw_fd(FIRST_FD) };
+        Some(Transport::Listener(socket))
+    }
+
     /// Binds `host:port` or `unix:/path`.
     pub fn bind(address: &str) -> Result<Transport> {
         if let Some(path) = address.strip_prefix("unix:") {
@@ -104,15 +127,15 @@ fn bind_unix(path: PathBuf) -> Result<Transport> {
     Ok(Transport::Listener(socket))
 }
 
-/// Serves until the shutdown starts and the connections in flight have finished (at most
-/// `grace` after it started).
+/// Serves until the shutdown starts and the connections in flight have finished. Returns the
+/// listening socket when the shutdown is a restart, for the next process to take over.
 pub async fn run(
     transport: Transport,
     context: Arc<ServerContext>,
     trigger: Trigger,
-    grace: Duration,
-) {
+) -> Option<Socket> {
     tokio::spawn(watch_signals(trigger.clone()));
+    tokio::spawn(enforce_grace(trigger.subscribe()));
     match transport {
         Transport::Stream(socket) => {
             match adopt_stream(socket) {
@@ -120,22 +143,39 @@ pub async fn run(
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
+            None
         }
         Transport::Listener(socket) => {
-            if let Err(e) = accept_loop(socket, context, trigger.subscribe(), grace).await {
-                tracing::error!("cannot accept connections: {e}");
-                trigger.fire(Reason::EndOfStream);
+            let shutdown = trigger.subscribe();
+            match accept_loop(socket, context, shutdown.clone()).await {
+                Ok(listener) => (shutdown.reason() == Some(Reason::Restart)).then_some(listener),
+                Err(e) => {
+                    tracing::error!("cannot accept connections: {e}");
+                    trigger.fire(Reason::EndOfStream);
+                    None
+                }
             }
         }
     }
+}
+
+/// Requests still running `WSGI_RESTART_GRACE` after the shutdown started are given up on.
+async fn enforce_grace(mut shutdown: Shutdown) {
+    shutdown.started().await;
+    let grace = crate::shutdown::grace();
+    tokio::time::sleep(grace).await;
+    tracing::warn!(
+        "requests still running {grace:?} after the shutdown started; exiting without them"
+    );
+    crate::logging::flush();
+    std::process::exit(0);
 }
 
 async fn accept_loop(
     socket: Socket,
     context: Arc<ServerContext>,
     mut shutdown: Shutdown,
-    grace: Duration,
-) -> io::Result<()> {
+) -> io::Result<Socket> {
     let listener = adopt_listener(socket)?;
     let mut connections = JoinSet::new();
     loop {
@@ -154,18 +194,9 @@ async fn accept_loop(
         }
         while connections.try_join_next().is_some() {}
     }
-    drop(listener);
-    let drained = tokio::time::timeout(grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            "{} connection(s) still busy after {grace:?}; closing them",
-            connections.len()
-        );
-    }
-    Ok(())
+    // New connections wait in the backlog, for the restarted process (or for nobody).
+    while connections.join_next().await.is_some() {}
+    listener.into_socket()
 }
 
 enum Listener {
@@ -181,6 +212,14 @@ enum Stream {
 }
 
 impl Listener {
+    fn into_socket(self) -> io::Result<Socket> {
+        Ok(match self {
+            Listener::Tcp(listener) => Socket::from(listener.into_std()?),
+            #[cfg(unix)]
+            Listener::Unix(listener) => Socket::from(listener.into_std()?),
+        })
+    }
+
     async fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(listener) => {
@@ -269,4 +308,34 @@ async fn watch_signals(trigger: Trigger) {
             std::process::exit(1);
         }
     }
+}
+
+/// Replaces this process with a fresh copy of the binary, same arguments, passing `listener` as
+/// fd 3 by the socket activation protocol. Returns only if the exec failed.
+#[cfg(unix)]
+pub fn reexec(listener: Socket) -> io::Error {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    const FIRST_FD: i32 = 3;
+    let fd = listener.as_raw_fd();
+    // SAFETY: dup2/fcntl on descriptors this process owns, right before exec; every other
+    // descriptor Rust opened is close-on-exec, so taking fd 3 over is harmless.
+    unsafe {
+        if fd != FIRST_FD && libc::dup2(fd, FIRST_FD) < 0 {
+            return io::Error::last_os_error();
+        }
+        let flags = libc::fcntl(FIRST_FD, libc::F_GETFD);
+        if flags < 0 || libc::fcntl(FIRST_FD, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            return io::Error::last_os_error();
+        }
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return e,
+    };
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_PID", std::process::id().to_string())
+        .exec()
 }

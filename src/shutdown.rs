@@ -3,7 +3,22 @@
 //! A restart (file change), SIGTERM/SIGINT, or the end of the IIS stream all end the same way:
 //! stop taking requests, let the ones in flight finish, exit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use tokio::sync::watch;
+
+/// `WSGI_RESTART_GRACE`: how long the requests in flight may take once a shutdown starts.
+/// Set once the configuration is read (under IIS, after the first request arrives).
+static GRACE_SECONDS: AtomicU64 = AtomicU64::new(30);
+
+pub fn set_grace(grace: Duration) {
+    GRACE_SECONDS.store(grace.as_secs(), Ordering::Relaxed);
+}
+
+pub fn grace() -> Duration {
+    Duration::from_secs(GRACE_SECONDS.load(Ordering::Relaxed))
+}
 
 /// Why the process is going away; logged once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +68,8 @@ impl Trigger {
 }
 
 impl Shutdown {
-    pub fn is_started(&self) -> bool {
-        self.receiver.borrow().is_some()
+    pub fn reason(&self) -> Option<Reason> {
+        *self.receiver.borrow()
     }
 
     /// Resolves once a shutdown has started (at once if it already has).

@@ -8,10 +8,11 @@
 use std::ffi::CString;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use pyo3::ffi;
+use pyo3::prelude::*;
 
 /// The interpreter a virtualenv would run.
 pub fn venv_python(venv: &Path) -> Result<PathBuf> {
@@ -82,13 +83,36 @@ unsafe fn status_error(status: &ffi::PyStatus) -> anyhow::Error {
     anyhow!("Python failed to start: {message}")
 }
 
-/// Runs Python's shutdown (non-daemon threads joined, atexit handlers) on the calling thread.
-/// Threads the application started may not hold the exit longer than `grace`: past it the
-/// process exits without waiting further.
+/// Shuts Python down in order: the application's non-daemon threads are joined, then atexit
+/// handlers run and the interpreter is finalised. Threads still running `grace` from now do not
+/// hold the exit: atexit handlers run anyway and finalisation (which would wait for them) is
+/// skipped, since the process is about to end.
 pub fn finalize(grace: Duration) {
     if unsafe { ffi::Py_IsInitialized() } == 0 {
         return;
     }
+    let deadline = Instant::now() + grace;
+    let stragglers = Python::attach(|py| join_application_threads(py, deadline));
+    match stragglers {
+        Ok(names) if names.is_empty() => {}
+        Ok(names) => {
+            tracing::warn!(
+                "threads still running after {grace:?}: {}; running atexit handlers and exiting without them",
+                names.join(", ")
+            );
+            Python::attach(|py| {
+                if let Err(e) = py
+                    .import("atexit")
+                    .and_then(|m| m.call_method0("_run_exitfuncs"))
+                {
+                    tracing::error!("atexit handlers failed: {e}");
+                }
+            });
+            return;
+        }
+        Err(e) => tracing::warn!("cannot list the application's threads: {e}"),
+    }
+    // Finalisation can still block (an atexit handler that waits): give it the same grace.
     std::thread::spawn(move || {
         std::thread::sleep(grace);
         tracing::warn!("Python did not finish shutting down within {grace:?}; exiting anyway");
@@ -103,4 +127,24 @@ pub fn finalize(grace: Duration) {
             tracing::warn!("Python reported an error while shutting down");
         }
     }
+}
+
+/// Joins the non-daemon threads the application started, until `deadline`; returns the names of
+/// those still running. `Thread.join` releases the GIL while it waits.
+fn join_application_threads(py: Python<'_>, deadline: Instant) -> PyResult<Vec<String>> {
+    let threading = py.import("threading")?;
+    let current = threading.call_method0("current_thread")?;
+    let mut running = Vec::new();
+    for thread in threading.call_method0("enumerate")?.try_iter()? {
+        let thread = thread?;
+        if thread.is(&current) || thread.getattr("daemon")?.extract::<bool>()? {
+            continue;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        thread.call_method1("join", (left.as_secs_f64(),))?;
+        if thread.call_method0("is_alive")?.extract::<bool>()? {
+            running.push(thread.getattr("name")?.extract::<String>()?);
+        }
+    }
+    Ok(running)
 }

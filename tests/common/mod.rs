@@ -400,8 +400,11 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
+    /// Writes bytes; a peer that has already closed is left for the next read to report.
     pub fn write_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write to wfastcgi");
+        if let Err(e) = self.stream.write_all(bytes) {
+            assert!(is_closed_error(&e), "write to wfastcgi: {e}");
+        }
     }
 
     /// Encodes a whole request (BEGIN, PARAMS, empty PARAMS, STDIN..., empty STDIN).
@@ -485,7 +488,11 @@ impl<S: Read + Write> Client<S> {
                 return Some(record);
             }
             let mut chunk = [0u8; 65536];
-            let n = self.stream.read(&mut chunk).expect("read from wfastcgi");
+            let n = match self.stream.read(&mut chunk) {
+                Ok(n) => n,
+                Err(e) if is_closed_error(&e) => 0,
+                Err(e) => panic!("read from wfastcgi: {e}"),
+            };
             if n == 0 {
                 assert!(
                     self.buf.is_empty(),
@@ -539,6 +546,13 @@ impl<S: Read + Write> Client<S> {
     pub fn is_closed(&mut self) -> bool {
         self.read_record().is_none()
     }
+}
+
+fn is_closed_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 pub fn push_record(
