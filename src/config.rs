@@ -133,6 +133,19 @@ impl AppConfig {
         Ok(Duration::from_secs(seconds))
     }
 
+    /// `WSGI_INPUT_SPOOL=<bytes>`: receive bodies whole before the application runs, in memory
+    /// up to that size, in a temporary file beyond, so `wsgi.input` can seek. Off by default.
+    pub fn input_spool(&self) -> Result<Option<u64>> {
+        match self.get_nonempty("WSGI_INPUT_SPOOL") {
+            None => Ok(None),
+            Some(value) => value
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| invalid("WSGI_INPUT_SPOOL", &value, "a number of bytes")),
+        }
+    }
+
     /// `WSGI_WATCHER_POLL=<seconds>`: poll instead of change notifications (network shares).
     pub fn watcher_poll(&self) -> Result<Option<Duration>> {
         match self.get_nonempty("WSGI_WATCHER_POLL") {

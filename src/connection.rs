@@ -304,7 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Queues the job for a worker, or answers 503 at once when every worker and queue slot is
     /// taken.
     fn start(&mut self, request_id: u16, keep_conn: bool, params: protocol::Params) {
-        let (job, handles) = exchange::job(request_id, params);
+        let (job, handles, body) = exchange::job(request_id, params);
         match self.context.jobs.submit(job) {
             Ok(()) => {}
             Err(SubmitError::Full) => {
@@ -321,7 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.state = State::Running(Running {
             request_id,
             keep_conn,
-            body: Some(handles.body.clone()),
+            body: Some(body),
             handles,
             pending_body: None,
         });

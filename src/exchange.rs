@@ -108,10 +108,10 @@ pub enum TrySendError {
     Gone,
 }
 
-/// The connection's ends of a job's channels.
+/// The connection's ends of a job's channels. The body sender is handed out separately:
+/// dropping it is how the application learns the body will never complete.
 #[derive(Debug)]
 pub struct JobHandles {
-    pub body: mpsc::Sender<BodyEvent>,
     pub output: mpsc::Receiver<Output>,
     pub aborted: Arc<AtomicBool>,
 }
@@ -126,8 +126,8 @@ impl JobHandles {
     }
 }
 
-/// A job and the connection's handles on it.
-pub fn job(request_id: u16, params: Params) -> (Job, JobHandles) {
+/// A job, the connection's handles on it, and the sender of its body.
+pub fn job(request_id: u16, params: Params) -> (Job, JobHandles, mpsc::Sender<BodyEvent>) {
     let (body_tx, body_rx) = mpsc::channel(BODY_QUEUE);
     let (output_tx, output_rx) = mpsc::channel(OUTPUT_QUEUE);
     let aborted = Arc::new(AtomicBool::new(false));
@@ -141,11 +141,10 @@ pub fn job(request_id: u16, params: Params) -> (Job, JobHandles) {
         },
     };
     let handles = JobHandles {
-        body: body_tx,
         output: output_rx,
         aborted,
     };
-    (job, handles)
+    (job, handles, body_tx)
 }
 
 /// Builds the records of one response: STDOUT and STDERR data, then the end of both streams and

@@ -43,6 +43,7 @@ pub struct App {
     base_environ: Py<PyDict>,
     allow_path_info_for_script_mappings: bool,
     script_name: Option<String>,
+    input_spool: Option<u64>,
     pub error_detail: ErrorDetail,
 }
 
@@ -51,6 +52,7 @@ pub struct App {
 /// and resolves `WSGI_HANDLER`. The interpreter must already be running.
 pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
     let error_detail = config.error_detail().map_err(|e| e.to_string())?;
+    let input_spool = config.input_spool().map_err(|e| e.to_string())?;
     let handler_name = config.handler().ok_or_else(|| {
         let source = match &config.web_config {
             Some(path) => format!(
@@ -79,6 +81,7 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
             base_environ: base_environ.unbind(),
             allow_path_info_for_script_mappings: config.allow_path_info_for_script_mappings(),
             script_name: config.script_name(),
+            input_spool,
             error_detail,
         })
     })
@@ -152,7 +155,12 @@ fn handle(py: Python<'_>, app: &App, job: Job) {
             return;
         }
     };
-    let result = Bound::new(py, WsgiInput::new(body, content_length))
+    let input = match app.input_spool {
+        Some(memory_limit) => WsgiInput::spooled(py, body, content_length, memory_limit),
+        None => Ok(WsgiInput::new(body, content_length)),
+    };
+    let result = input
+        .and_then(|input| Bound::new(py, input))
         .and_then(|input| app.environ(py, &params, input))
         .map_err(response::Failure::from)
         .and_then(|environ| {

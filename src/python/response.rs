@@ -14,14 +14,19 @@ use crate::config::ErrorDetail;
 use crate::exchange::{self, Output, ResponseEncoder, ResponseGone, ResponseSink, TrySendError};
 
 use super::format_exception;
+use super::streams::FileWrapper;
 
 /// A list body is sent whole, but not in batches larger than this.
 const BATCH_LIMIT: usize = 256 * 1024;
+/// The least a file behind `wsgi.file_wrapper` is read at a time.
+const FILE_BLOCK: usize = 64 * 1024;
 
 #[pyclass(module = "wfastcgi", name = "StartResponse")]
 pub struct StartResponse {
     /// `Status:` line and headers, CGI style, ready to send; set by `start_response`.
     head: Option<Vec<u8>>,
+    /// The Content-Length the application declared, if any.
+    content_length: Option<u64>,
     headers_sent: bool,
     encoder: ResponseEncoder,
     sink: ResponseSink,
@@ -33,6 +38,8 @@ pub enum Failure {
     Exception(PyErr),
     /// The application broke the WSGI contract.
     Contract(String),
+    /// The file behind `wsgi.file_wrapper` could not be read.
+    File(std::io::Error),
     /// The web server aborted the request or went away.
     Gone,
 }
@@ -53,6 +60,7 @@ impl StartResponse {
     pub fn new(sink: ResponseSink) -> Self {
         StartResponse {
             head: None,
+            content_length: None,
             headers_sent: false,
             encoder: ResponseEncoder::new(sink.request_id()),
             sink,
@@ -68,6 +76,50 @@ impl StartResponse {
         if data.is_empty() && !flush {
             return Ok(());
         }
+        self.encode_body(data)?;
+        if flush || self.encoder.pending() >= BATCH_LIMIT {
+            let records = self.encoder.take();
+            if !records.is_empty() {
+                self.send(py, Output::Records(records))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a regular file given to `wsgi.file_wrapper`, read here without the GIL, in blocks
+    /// of at least 64 KiB (a multiple of the application's `blksize`), up to the declared
+    /// Content-Length.
+    fn send_file(
+        &mut self,
+        py: Python<'_>,
+        mut file: std::fs::File,
+        blksize: usize,
+    ) -> Result<(), Failure> {
+        use std::io::Read;
+        let block = FILE_BLOCK.div_ceil(blksize) * blksize;
+        let mut left = self.content_length.unwrap_or(u64::MAX);
+        py.detach(|| {
+            let mut buffer = vec![0u8; block];
+            while left > 0 {
+                if self.is_aborted() {
+                    return Err(Failure::Gone);
+                }
+                let want = usize::try_from(left).map_or(block, |left| left.min(block));
+                let n = file.read(&mut buffer[..want]).map_err(Failure::File)?;
+                if n == 0 {
+                    break;
+                }
+                left -= n as u64;
+                self.encode_body(&buffer[..n])?;
+                let records = self.encoder.take();
+                self.sink.send_blocking(Output::Records(records))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Encodes a body chunk, after the headers for the first non-empty one.
+    fn encode_body(&mut self, data: &[u8]) -> Result<(), Failure> {
         if !self.headers_sent && !data.is_empty() {
             let head = self.head.as_deref().ok_or_else(|| {
                 Failure::Contract(
@@ -78,12 +130,6 @@ impl StartResponse {
             self.headers_sent = true;
         }
         self.encoder.stdout(data);
-        if flush || self.encoder.pending() >= BATCH_LIMIT {
-            let records = self.encoder.take();
-            if !records.is_empty() {
-                self.send(py, Output::Records(records))?;
-            }
-        }
         Ok(())
     }
 
@@ -124,6 +170,7 @@ impl StartResponse {
             }
             Failure::Exception(e) => format_exception(py, &e),
             Failure::Contract(message) => message,
+            Failure::File(e) => format!("reading the file given to wsgi.file_wrapper failed: {e}"),
         };
         if self.headers_sent {
             tracing::error!(
@@ -187,6 +234,14 @@ fn send_iterable(
             "the application returned a {kind}; it must return an iterable of bytes"
         )));
     }
+    if let Ok(wrapper) = iterable.cast::<FileWrapper>() {
+        let wrapper = wrapper.get();
+        if let Some(file) = wrapper.native_file(py) {
+            return responder
+                .borrow_mut()
+                .send_file(py, file, wrapper.blksize());
+        }
+    }
     let whole =
         iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>();
     for item in iterable.try_iter()? {
@@ -231,8 +286,11 @@ impl StartResponse {
                 _ => {}
             }
         }
-        let head = encode_head(status, headers)?;
-        slf.borrow_mut().head = Some(head);
+        let (head, content_length) = encode_head(status, headers)?;
+        let mut this = slf.borrow_mut();
+        this.head = Some(head);
+        this.content_length = content_length;
+        drop(this);
         slf.getattr(pyo3::intern!(slf.py(), "write"))
     }
 
@@ -246,12 +304,18 @@ impl StartResponse {
             Err(Failure::Gone) => Err(PyOSError::new_err("the client went away")),
             Err(Failure::Contract(message)) => Err(PyAssertionError::new_err(message)),
             Err(Failure::Exception(e)) => Err(e),
+            Err(Failure::File(e)) => Err(e.into()),
         }
     }
 }
 
-/// `Status: 200 OK\r\nName: value\r\n...\r\n` from start_response's arguments, validated.
-fn encode_head(status: &Bound<'_, PyAny>, headers: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+/// `Status: 200 OK\r\nName: value\r\n...\r\n` from start_response's arguments, validated,
+/// and the Content-Length among them.
+fn encode_head(
+    status: &Bound<'_, PyAny>,
+    headers: &Bound<'_, PyAny>,
+) -> PyResult<(Vec<u8>, Option<u64>)> {
+    let mut content_length = None;
     let status: String = status
         .extract()
         .map_err(|_| PyTypeError::new_err("start_response() status must be a str"))?;
@@ -294,13 +358,16 @@ fn encode_head(status: &Bound<'_, PyAny>, headers: &Bound<'_, PyAny>) -> PyResul
                 "start_response() header {name}: {value:?} is invalid: control characters or characters outside ISO-8859-1"
             )));
         }
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = value.trim().parse().ok();
+        }
         head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
         push_latin1(&mut head, &value);
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    Ok(head)
+    Ok((head, content_length))
 }
 
 /// Appends a string already checked to hold only ISO-8859-1 characters, one byte each.

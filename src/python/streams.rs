@@ -82,6 +82,38 @@ pub struct FileWrapper {
     blksize: usize,
 }
 
+impl FileWrapper {
+    /// The read size the application asked for.
+    pub fn blksize(&self) -> usize {
+        self.blksize
+    }
+
+    /// The wrapped object as an OS file positioned where Python's file object stands, when it
+    /// is a regular file: the gateway then reads it itself, without the GIL.
+    #[cfg(unix)]
+    pub fn native_file(&self, py: Python<'_>) -> Option<std::fs::File> {
+        use std::io::{Seek, SeekFrom};
+        use std::os::fd::{AsFd, BorrowedFd};
+        let filelike = self.filelike.bind(py);
+        let fd: i32 = filelike.call_method0("fileno").ok()?.extract().ok()?;
+        let position: u64 = filelike.call_method0("tell").ok()?.extract().ok()?;
+        // SAFETY: the fd belongs to a live Python file object for the duration of this call;
+        // it is only borrowed here to duplicate it.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let mut file = std::fs::File::from(borrowed.as_fd().try_clone_to_owned().ok()?);
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        file.seek(SeekFrom::Start(position)).ok()?;
+        Some(file)
+    }
+
+    #[cfg(not(unix))]
+    pub fn native_file(&self, _py: Python<'_>) -> Option<std::fs::File> {
+        None
+    }
+}
+
 #[pymethods]
 impl FileWrapper {
     #[new]

@@ -79,3 +79,24 @@ def read_all_app(environ, start_response):
         "length": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
     })
+
+
+def seek_app(environ, start_response):
+    """Read the body twice, seeking back in between, when wsgi.input allows it."""
+    import io
+
+    stream = environ["wsgi.input"]
+    first = stream.read()
+    result = {"length": len(first), "sha256": hashlib.sha256(first).hexdigest(),
+              "seekable": stream.seekable()}
+    try:
+        result["tell"] = stream.tell()
+        stream.seek(0)
+        stream.read(3)
+        stream.seek(-2, 1)
+        again = stream.read()
+        result["again_length"] = len(again) + 1
+        result["again_sha256"] = hashlib.sha256(first[:1] + again).hexdigest()
+    except io.UnsupportedOperation as error:
+        result["error"] = str(error)
+    return _json(start_response, result)

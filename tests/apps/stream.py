@@ -1,5 +1,6 @@
 """Apps whose body is produced piece by piece, without a Content-Length."""
 
+import io
 import time
 from urllib.parse import parse_qs
 
@@ -49,3 +50,53 @@ def write_app(environ, start_response):
     write(b"one\n")
     write(b"two\n")
     return [b"end"]
+
+
+# Counts close() calls on the files and generators below, per process.
+closes = []
+
+
+class _CountingFile(io.FileIO):
+    def close(self):
+        if not self.closed:
+            closes.append("file")
+        super().close()
+
+
+def files(environ, start_response):
+    """`/count` reports closes; otherwise serve `path` through wsgi.file_wrapper, as a real
+    file or (`kind=bytesio`) a file-like object without a descriptor, with an optional
+    Content-Length `length` and block size `blksize`."""
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    if environ.get("PATH_INFO") == "/count":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(len(closes)).encode("ascii")]
+    path = query["path"][0]
+    headers = list(HEADERS)
+    if "length" in query:
+        headers.append(("Content-Length", query["length"][0]))
+    blksize = int(query.get("blksize", ["8192"])[0])
+    if query.get("kind", ["file"])[0] == "bytesio":
+        with open(path, "rb") as source:
+            filelike = io.BytesIO(source.read())
+    else:
+        filelike = _CountingFile(path, "rb")
+    start_response("200 OK", headers)
+    return environ["wsgi.file_wrapper"](filelike, blksize)
+
+
+def tracked_stream(environ, start_response):
+    """A long generator body; `/count` reports how many were closed."""
+    if environ.get("PATH_INFO") == "/count":
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [str(len(closes)).encode("ascii")]
+    start_response("200 OK", list(HEADERS))
+
+    def chunks():
+        try:
+            for _ in range(100000):
+                yield b"x" * 65536
+        finally:
+            closes.append("generator")
+
+    return chunks()

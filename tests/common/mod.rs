@@ -610,3 +610,14 @@ pub fn bytes_of(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = XorShift(seed | 1);
     (0..len).map(|_| rng.next() as u8).collect()
 }
+
+/// The process's peak resident memory (VmHWM) in MiB.
+pub fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    kib / 1024.0
+}
