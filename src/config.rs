@@ -133,6 +133,36 @@ impl AppConfig {
         Ok(Duration::from_secs(seconds))
     }
 
+    /// `WSGI_QUEUE_LENGTH`: requests that may wait for a busy worker; more get a 503.
+    pub fn queue_length(&self) -> Result<usize> {
+        match self.get_nonempty("WSGI_QUEUE_LENGTH") {
+            None => Ok(64),
+            Some(value) => parse_count("WSGI_QUEUE_LENGTH", &value),
+        }
+    }
+
+    /// `FCGI_WEB_SERVER_ADDRS`: the web servers allowed to connect over TCP (comma-separated
+    /// addresses); `None` allows every peer.
+    pub fn web_server_addrs(&self) -> Result<Option<Vec<std::net::IpAddr>>> {
+        let Some(list) = self.get_nonempty("FCGI_WEB_SERVER_ADDRS") else {
+            return Ok(None);
+        };
+        list.split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse().map_err(|_| {
+                    invalid(
+                        "FCGI_WEB_SERVER_ADDRS",
+                        a,
+                        "IP addresses separated by commas",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// `WSGI_INPUT_SPOOL=<bytes>`: receive bodies whole before the application runs, in memory
     /// up to that size, in a temporary file beyond, so `wsgi.input` can seek. Off by default.
     pub fn input_spool(&self) -> Result<Option<u64>> {

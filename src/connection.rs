@@ -32,6 +32,8 @@ pub struct ServerContext {
     /// FCGI_MAX_CONNS and FCGI_MAX_REQS as GET_VALUES reports them.
     pub max_conns: usize,
     pub max_reqs: usize,
+    /// FCGI_WEB_SERVER_ADDRS: TCP peers allowed to connect; `None` allows all.
+    pub allowed_peers: Option<Vec<std::net::IpAddr>>,
 }
 
 /// Why a connection ended early.

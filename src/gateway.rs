@@ -17,8 +17,8 @@ use crate::server::Transport;
 use crate::watcher::{self, WatchSettings};
 use crate::{exchange, logging, shutdown, worker};
 
-/// Requests waiting for a worker beyond those being served; more get a 503.
-const QUEUE_CAPACITY: usize = 64;
+/// Requests waiting for a worker under IIS, where the web.config is read only later.
+const DEFAULT_QUEUE_LENGTH: usize = 64;
 /// Connections served at once in the listening modes, as GET_VALUES reports it.
 const MAX_CONNECTIONS: usize = 1024;
 /// How long a shutdown waits for the requests in flight before it stops waiting.
@@ -32,6 +32,8 @@ pub struct Options {
     pub threads: Option<usize>,
     /// Whether other processes serve the same application (IIS's maxInstances, spawn-fcgi -F).
     pub multiprocess: bool,
+    /// A worker under `--processes`: the supervisor watches files and restarts it.
+    pub supervised: bool,
 }
 
 impl Options {
@@ -134,7 +136,11 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         (None, true) => None,
     };
 
-    let (jobs, job_receiver) = worker::queue(QUEUE_CAPACITY);
+    let (queue_length, allowed_peers) = match eager_site.as_ref().map(|s| &s.config) {
+        Some(Ok(config)) => (config.queue_length()?, config.web_server_addrs()?),
+        _ => (DEFAULT_QUEUE_LENGTH, None),
+    };
+    let (jobs, job_receiver) = worker::queue(queue_length);
     let (max_conns, max_reqs) = if iis_stream {
         (1, 1)
     } else {
@@ -145,6 +151,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         param_limits: ParamLimits::default(),
         max_conns,
         max_reqs,
+        allowed_peers,
     });
     let (trigger, _) = shutdown::channel();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -166,7 +173,9 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         },
     };
     if let Some(site) = site {
-        watcher::spawn(site.watch_settings(), trigger.clone());
+        if !options.supervised {
+            watcher::spawn(site.watch_settings(), trigger.clone());
+        }
         let threads = match &site.config {
             Ok(config) => {
                 shutdown::set_grace(config.restart_grace().unwrap_or_else(|e| {
@@ -188,6 +197,8 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             multiprocess: options.multiprocess,
         };
         let state = load(site.config, deployment);
+        #[cfg(unix)]
+        crate::supervisor::report_ready();
         run_workers(&state, threads, first_job, &job_receiver);
     }
     let listener = server.join().unwrap_or_else(|_| {
@@ -209,6 +220,29 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `serve --processes N`: the supervisor, which holds the socket and never starts Python.
+#[cfg(unix)]
+pub fn supervise(
+    transport: Transport,
+    options: Options,
+    processes: usize,
+    worker_args: Vec<std::ffi::OsString>,
+) -> Result<()> {
+    let Transport::Listener(listener) = transport else {
+        anyhow::bail!("--processes needs a listening socket: use --bind");
+    };
+    let dir = match options.app_dir.clone() {
+        Some(dir) => dir,
+        None => std::env::current_dir().context("no working directory")?,
+    };
+    let config = AppConfig::load(&dir, options.overrides())?;
+    open_log(&config);
+    crate::supervisor::run(listener, worker_args, processes, &config)?;
+    tracing::info!("exiting");
+    logging::flush();
+    Ok(())
 }
 
 fn threads(config: &AppConfig, iis_stream: bool) -> usize {

@@ -10,5 +10,7 @@ pub mod python;
 pub mod routing;
 pub mod server;
 pub mod shutdown;
+#[cfg(unix)]
+pub mod supervisor;
 pub mod watcher;
 pub mod worker;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use wfastcgi::gateway::{self, Options};
-use wfastcgi::logging;
 use wfastcgi::server::{StdinError, Transport};
+use wfastcgi::{logging, supervisor};
 
 /// A FastCGI-to-WSGI gateway for IIS, nginx, Apache and lighttpd that embeds CPython.
 ///
@@ -30,9 +30,36 @@ enum Command {
         /// `HOST:PORT` or `unix:/path/to/socket`.
         #[arg(long, value_name = "ADDR")]
         bind: Option<String>,
+        /// File mode of a Unix socket, in octal.
+        #[arg(long, value_name = "MODE", default_value = "0660", value_parser = parse_mode)]
+        socket_mode: u32,
+        /// Run N worker processes under a supervisor that holds the socket.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        processes: Option<u16>,
         #[command(flatten)]
         app: AppArgs,
     },
+}
+
+impl AppArgs {
+    /// The same options for a worker process, with the app folder made absolute.
+    fn worker_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args = Vec::new();
+        let app_dir = self
+            .app_dir
+            .clone()
+            .or_else(|| std::env::current_dir().ok());
+        if let Some(dir) = app_dir.and_then(|d| d.canonicalize().ok()) {
+            args.extend(["--app-dir".into(), dir.into_os_string()]);
+        }
+        if let Some(venv) = &self.venv {
+            args.extend(["--venv".into(), venv.clone().into_os_string()]);
+        }
+        if let Some(threads) = self.threads {
+            args.extend(["--threads".into(), threads.to_string().into()]);
+        }
+        args
+    }
 }
 
 #[derive(Args, Clone, Default)]
@@ -59,17 +86,30 @@ fn activation_transport() -> Option<Transport> {
     None
 }
 
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not an octal file mode such as 0660"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (bind, app) = match cli.command {
-        Some(Command::Serve { bind, app }) => (bind, app),
-        None => (None, cli.app),
+    let (bind, socket_mode, processes, app) = match cli.command {
+        Some(Command::Serve {
+            bind,
+            socket_mode,
+            processes,
+            app,
+        }) => (bind, socket_mode, processes, app),
+        None => (None, 0o660, None, cli.app),
     };
+    let supervised = std::env::var_os(supervisor::LISTEN_FD_VAR).is_some();
     // A socket passed by systemd, or by this binary restarting itself, wins over --bind.
     let activated = activation_transport();
     let transport = match (activated, &bind) {
         (Some(transport), _) => Ok(transport),
-        (None, Some(address)) => Transport::bind(address),
+        (None, Some(address)) => Transport::bind(address, socket_mode),
         (None, None) => Transport::from_stdin().map_err(|e| match e {
             StdinError::Terminal => anyhow::anyhow!(
                 "standard input is a terminal, not a FastCGI connection.\n\
@@ -92,14 +132,24 @@ fn main() -> ExitCode {
         }
     };
     // Only a server started by hand logs to stderr: IIS gives the process invalid handles.
-    logging::init(bind.is_some(), tracing::Level::INFO);
+    logging::init(bind.is_some() && !supervised, tracing::Level::INFO);
     let options = Options {
-        app_dir: app.app_dir,
-        venv: app.venv,
+        app_dir: app.app_dir.clone(),
+        venv: app.venv.clone(),
         threads: app.threads,
-        multiprocess: bind.is_none(),
+        multiprocess: bind.is_none() || supervised || processes.is_some_and(|n| n > 1),
+        supervised,
     };
-    match gateway::serve(transport, options) {
+    let served = match processes {
+        Some(processes) => gateway::supervise(
+            transport,
+            options,
+            usize::from(processes),
+            app.worker_args(),
+        ),
+        None => gateway::serve(transport, options),
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -75,6 +75,12 @@ impl Transport {
     pub fn from_activation() -> Option<Transport> {
         use std::os::fd::FromRawFd;
         const FIRST_FD: i32 = 3;
+        if let Some(fd) = std::env::var(crate::supervisor::LISTEN_FD_VAR).ok() {
+            std::env::remove_var(crate::supervisor::LISTEN_FD_VAR);
+            let fd = fd.parse().ok()?;
+            // SAFETY: the supervisor passed its listening socket as this descriptor.
+            return Some(Transport::Listener(unsafe { Socket::from_raw_fd(fd) }));
+        }
         let for_us = std::env::var("LISTEN_PID").ok()?.parse::<u32>().ok()? == std::process::id();
         let count: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
         std::env::remove_var("LISTEN_PID");
@@ -89,10 +95,10 @@ impl Transport {
         Some(Transport::Listener(socket))
     }
 
-    /// Binds `host:port` or `unix:/path`.
-    pub fn bind(address: &str) -> Result<Transport> {
+    /// Binds `host:port`, or `unix:/path` with the file mode `socket_mode`.
+    pub fn bind(address: &str, socket_mode: u32) -> Result<Transport> {
         if let Some(path) = address.strip_prefix("unix:") {
-            return bind_unix(PathBuf::from(path));
+            return bind_unix(PathBuf::from(path), socket_mode);
         }
         let address: std::net::SocketAddr = address
             .parse()
@@ -108,7 +114,7 @@ impl Transport {
 }
 
 #[cfg(unix)]
-fn bind_unix(path: PathBuf) -> Result<Transport> {
+fn bind_unix(path: PathBuf, socket_mode: u32) -> Result<Transport> {
     use std::os::unix::fs::PermissionsExt;
     if path.exists() {
         // A socket file nobody listens on is left over from a dead process: replace it.
@@ -122,7 +128,7 @@ fn bind_unix(path: PathBuf) -> Result<Transport> {
     socket
         .bind(&socket2::SockAddr::unix(&path)?)
         .with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(socket_mode))?;
     socket.listen(1024)?;
     Ok(Transport::Listener(socket))
 }
@@ -182,6 +188,10 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
+                    if let Some(peer) = stream.refused_peer(context.allowed_peers.as_deref()) {
+                        tracing::warn!("connection from {peer} refused: not in FCGI_WEB_SERVER_ADDRS");
+                        continue;
+                    }
                     connections.spawn(stream.serve(context.clone(), shutdown.clone()));
                 }
                 Err(e) => {
@@ -234,6 +244,15 @@ impl Listener {
 }
 
 impl Stream {
+    /// The TCP peer's address when an allow-list is set and does not name it.
+    fn refused_peer(&self, allowed: Option<&[std::net::IpAddr]>) -> Option<std::net::IpAddr> {
+        let (Stream::Tcp(stream), Some(allowed)) = (self, allowed) else {
+            return None;
+        };
+        let peer = stream.peer_addr().ok()?.ip().to_canonical();
+        (!allowed.contains(&peer)).then_some(peer)
+    }
+
     async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown) {
         match self {
             Stream::Tcp(stream) => serve_connection(stream, context, shutdown).await,
