@@ -75,7 +75,7 @@ impl Transport {
     pub fn from_activation() -> Option<Transport> {
         use std::os::fd::FromRawFd;
         const FIRST_FD: i32 = 3;
-        if let Some(fd) = std::env::var(crate::supervisor::LISTEN_FD_VAR).ok() {
+        if let Ok(fd) = std::env::var(crate::supervisor::LISTEN_FD_VAR) {
             std::env::remove_var(crate::supervisor::LISTEN_FD_VAR);
             let fd = fd.parse().ok()?;
             // SAFETY: the supervisor passed its listening socket as this descriptor.
