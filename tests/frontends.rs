@@ -1,0 +1,506 @@
+//! Real web servers in front of the binary, each started by the test on loopback and stopped by
+//! it: nginx (Unix socket and TCP, FCGI_KEEP_CONN on and off) with the Django example,
+//! lighttpd spawning the binary (fd 0 a listening socket), spawn-fcgi, Apache mod_proxy_fcgi,
+//! and libfcgi's cgi-fcgi. The servers come from the distribution; .ci/run installs them.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A server process stopped (and reaped) when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(program: &str, args: &[&str]) -> Server {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} (installed by .ci/run): {e}"));
+    Server(child)
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    fn cookie(&self, name: &str) -> String {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+            .find_map(|(_, v)| v.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.split(';').next())
+            .unwrap_or_else(|| panic!("no {name} cookie"))
+            .to_owned()
+    }
+}
+
+fn reply(result: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Reply {
+    let mut response = result.expect("HTTP request");
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024 * 1024)
+        .read_to_vec()
+        .expect("body");
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn get(agent: &ureq::Agent, url: &str) -> Reply {
+    reply(agent.get(url).call())
+}
+
+fn post(agent: &ureq::Agent, url: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut request = agent.post(url);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    reply(request.send(body))
+}
+
+fn venv() -> PathBuf {
+    PathBuf::from(std::env::var_os("WFASTCGI_TEST_VENV").expect(
+        "WFASTCGI_TEST_VENV is not set: run the tests with scripts/test, which makes the venv with Django",
+    ))
+}
+
+fn django_site() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/django_site")
+}
+
+const FASTCGI_PARAMS: &str = "
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param REQUEST_URI $request_uri;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param CONTENT_TYPE $content_type;
+            fastcgi_param CONTENT_LENGTH $content_length;
+            fastcgi_param SCRIPT_NAME $fastcgi_script_name;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param SERVER_NAME $server_name;
+            fastcgi_param SERVER_PORT $server_port;
+            fastcgi_param SERVER_SOFTWARE nginx/$nginx_version;
+            fastcgi_param REMOTE_ADDR $remote_addr;
+            fastcgi_param HTTP_HOST $host;";
+
+/// nginx on `port` passing everything to `upstream` (`127.0.0.1:P` or `unix:/path`).
+fn nginx(dir: &Path, port: u16, upstream: &str, keep_conn: bool) -> Server {
+    let run = dir.join("nginx");
+    std::fs::create_dir_all(&run).expect("mkdir");
+    // As root the workers would run as nobody and could not reach a 0660 socket.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root;"
+    } else {
+        ""
+    };
+    let keep = if keep_conn {
+        "fastcgi_keep_conn on;"
+    } else {
+        ""
+    };
+    let upstream_block = if keep_conn {
+        format!("upstream gateway {{ server {upstream}; keepalive 8; }}")
+    } else {
+        format!("upstream gateway {{ server {upstream}; }}")
+    };
+    let config = format!(
+        "{user}
+        worker_processes 1;
+        daemon off;
+        pid {run}/nginx.pid;
+        error_log {run}/error.log;
+        events {{ worker_connections 1024; }}
+        http {{
+            access_log off;
+            client_body_temp_path {run}/body;
+            fastcgi_temp_path {run}/fastcgi;
+            proxy_temp_path {run}/proxy;
+            uwsgi_temp_path {run}/uwsgi;
+            scgi_temp_path {run}/scgi;
+            client_max_body_size 100m;
+            {upstream_block}
+            server {{
+                listen 127.0.0.1:{port};
+                location / {{
+                    fastcgi_pass gateway;
+                    {keep}
+                    {FASTCGI_PARAMS}
+                }}
+            }}
+        }}",
+        run = run.display()
+    );
+    let path = run.join("nginx.conf");
+    std::fs::write(&path, config).expect("write nginx.conf");
+    let server = start(
+        "nginx",
+        &["-p", &run.to_string_lossy(), "-c", &path.to_string_lossy()],
+    );
+    wait_for_port(port);
+    server
+}
+
+/// The Django example through nginx: pages, a CSRF form, an upload, a stream, and a burst of
+/// 1000 requests from 10 threads, with zero errors allowed.
+fn django_behind_nginx(unix: bool, keep_conn: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = django_site();
+    let log = dir.path().join("wfastcgi.log");
+    let upstream;
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--app-dir".into(),
+        site.display().to_string(),
+    ];
+    args.extend([
+        "--venv".into(),
+        venv().display().to_string(),
+        "--threads".into(),
+        "4".into(),
+    ]);
+    if unix {
+        let socket = dir.path().join("gateway.sock");
+        upstream = format!("unix:{}", socket.display());
+        args.extend(["--bind".into(), upstream.clone()]);
+    } else {
+        let address = free_tcp_address();
+        upstream = address.to_string();
+        args.extend(["--bind".into(), upstream.clone()]);
+    }
+    let gateway = Command::new(BINARY)
+        .args(&args)
+        .env("WSGI_LOG", &log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start wfastcgi");
+    let _gateway = Server(gateway);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("loaded")
+    {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let port = free_tcp_address().port();
+    let _nginx = nginx(dir.path(), port, &upstream, keep_conn);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = agent();
+
+    let page = get(&http, &format!("{base}/"));
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(page.text().contains("wfastcgi Django example"));
+
+    let form = get(&http, &format!("{base}/form/"));
+    let csrf = form.cookie("csrftoken");
+    let html = form.text();
+    let marker = "name=\"csrfmiddlewaretoken\" value=\"";
+    let start = html.find(marker).expect("token") + marker.len();
+    let token = &html[start..start + html[start..].find('"').expect("end")];
+    let body = format!("csrfmiddlewaretoken={token}&name=Ann%20Lee");
+    let cookie = format!("csrftoken={csrf}");
+    let hello = post(
+        &http,
+        &format!("{base}/form/"),
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", &cookie),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(hello.status, 200, "{}", hello.text());
+    assert!(hello.text().contains("Hello, Ann Lee!"));
+
+    let file = bytes_of(5_000_000, 17);
+    let boundary = "nginx-test-boundary";
+    let mut multipart = Vec::new();
+    multipart.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"csrfmiddlewaretoken\"\r\n\r\n{csrf}\r\n").as_bytes());
+    multipart.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"up.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes());
+    multipart.extend_from_slice(&file);
+    multipart.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let uploaded = post(
+        &http,
+        &format!("{base}/upload/"),
+        &[("Content-Type", &content_type), ("Cookie", &cookie)],
+        &multipart,
+    );
+    assert_eq!(uploaded.status, 200, "{}", uploaded.text());
+    let json: serde_json::Value = serde_json::from_slice(&uploaded.body).expect("json");
+    assert_eq!(json["size"], file.len());
+    assert_eq!(json["sha256"], sha256_hex(&file));
+
+    let streamed = get(&http, &format!("{base}/stream/"));
+    assert_eq!(streamed.text().lines().count(), 100);
+    assert_eq!(get(&http, &format!("{base}/nope/")).status, 404);
+
+    let threads: Vec<_> = (0..10)
+        .map(|t| {
+            let (http, base) = (http.clone(), base.clone());
+            std::thread::spawn(move || {
+                (0..100)
+                    .filter(|i| {
+                        let reply = get(&http, &format!("{base}/api/info/?t={t}&i={i}"));
+                        reply.status != 200 || !reply.text().contains(&format!("\"i\": [\"{i}\"]"))
+                    })
+                    .count()
+            })
+        })
+        .collect();
+    let errors: usize = threads.into_iter().map(|t| t.join().expect("thread")).sum();
+    assert_eq!(errors, 0, "1000 requests through nginx, zero errors");
+}
+
+#[test]
+fn nginx_unix_socket_keep_conn() {
+    django_behind_nginx(true, true);
+}
+
+#[test]
+fn nginx_unix_socket_one_request_per_connection() {
+    django_behind_nginx(true, false);
+}
+
+#[test]
+fn nginx_tcp_keep_conn() {
+    django_behind_nginx(false, true);
+}
+
+#[test]
+fn nginx_tcp_one_request_per_connection() {
+    django_behind_nginx(false, false);
+}
+
+/// hello and echo through an HTTP front end at `base`.
+fn check_hello_and_echo(base: &str) {
+    let http = agent();
+    let hello = get(&http, &format!("{base}/hello"));
+    assert_eq!(hello.status, 200);
+    assert_eq!(hello.text(), "Hello, World!\n");
+    let body = bytes_of(300_000, 5);
+    let echo = post(
+        &http,
+        &format!("{base}/echo"),
+        &[("Content-Type", "application/octet-stream")],
+        &body,
+    );
+    assert_eq!(echo.status, 200, "{}", echo.text());
+    let json: serde_json::Value = serde_json::from_slice(&echo.body).expect("json");
+    assert_eq!(json["length"], body.len());
+    assert_eq!(json["sha256"], sha256_hex(&body));
+}
+
+/// An app folder whose handler answers /hello and /echo.
+fn hello_and_echo_app() -> AppDir {
+    let app = AppDir::new("routes.app", &[]);
+    std::fs::write(
+        app.path().join("routes.py"),
+        "import echo, hello\n\n\
+         def app(environ, start_response):\n    \
+             if environ['REQUEST_METHOD'] == 'POST':\n        \
+                 return echo.app(environ, start_response)\n    \
+             return hello.app(environ, start_response)\n",
+    )
+    .expect("write routes.py");
+    app
+}
+
+#[test]
+fn lighttpd_spawns_the_binary_with_a_listening_socket() {
+    let app = hello_and_echo_app();
+    let port = free_tcp_address().port();
+    let dir = app.path();
+    let config = format!(
+        "server.document-root = \"{dir}\"
+server.bind = \"127.0.0.1\"
+server.port = {port}
+server.pid-file = \"{dir}/lighttpd.pid\"
+server.errorlog = \"{dir}/lighttpd.log\"
+server.modules = (\"mod_fastcgi\")
+fastcgi.server = ( \"/\" => ((
+    \"socket\" => \"{dir}/lighttpd-fcgi.sock\",
+    \"bin-path\" => \"{binary} --app-dir {dir}\",
+    \"check-local\" => \"disable\",
+    \"max-procs\" => 1
+)))
+",
+        dir = dir.display(),
+        binary = BINARY
+    );
+    let conf = dir.join("lighttpd.conf");
+    std::fs::write(&conf, config).expect("write");
+    let _lighttpd = start("lighttpd", &["-D", "-f", &conf.to_string_lossy()]);
+    wait_for_port(port);
+    check_hello_and_echo(&format!("http://127.0.0.1:{port}"));
+    assert!(
+        app.log().contains("WSGI handler \"routes.app\" loaded"),
+        "{}",
+        app.log()
+    );
+}
+
+#[test]
+fn apache_mod_proxy_fcgi() {
+    let app = hello_and_echo_app();
+    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let Some(Address::Tcp(upstream)) = gateway.address.clone() else {
+        unreachable!()
+    };
+    let port = free_tcp_address().port();
+    let dir = app.path();
+    let modules = "/usr/lib/apache2/modules";
+    let config = format!(
+        "ServerRoot \"{dir}\"
+ServerName localhost
+Listen 127.0.0.1:{port}
+PidFile \"{dir}/apache.pid\"
+ErrorLog \"{dir}/apache-error.log\"
+LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule proxy_module {modules}/mod_proxy.so
+LoadModule proxy_fcgi_module {modules}/mod_proxy_fcgi.so
+User www-data
+Group www-data
+ProxyPass \"/\" \"fcgi://{upstream}/\"
+",
+        dir = dir.display()
+    );
+    let conf = dir.join("apache.conf");
+    std::fs::write(&conf, config).expect("write");
+    let _apache = start("apache2", &["-f", &conf.to_string_lossy(), "-DFOREGROUND"]);
+    wait_for_port(port);
+    check_hello_and_echo(&format!("http://127.0.0.1:{port}"));
+}
+
+#[test]
+fn spawn_fcgi_hands_over_a_listening_socket() {
+    let app = hello_and_echo_app();
+    let port = free_tcp_address().port();
+    let _spawned = start(
+        "spawn-fcgi",
+        &[
+            "-n",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--",
+            BINARY,
+            "--app-dir",
+            &app.path().to_string_lossy(),
+        ],
+    );
+    wait_for_port(port);
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut client = Client::new(stream);
+    assert_eq!(
+        client.get(1, &app.iis_params("GET", "/hello")).text(),
+        "Hello, World!\n"
+    );
+    let body = bytes_of(100_000, 3);
+    let mut params = app.iis_params("POST", "/echo");
+    set_param(&mut params, "CONTENT_LENGTH", &body.len().to_string());
+    let json = client.request(&Send::new(2, &params).body(&body)).json();
+    assert_eq!(json["sha256"], sha256_hex(&body));
+}
+
+#[test]
+fn libfcgi_cgi_fcgi_connect() {
+    let app = hello_and_echo_app();
+    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let Some(Address::Tcp(address)) = gateway.address.clone() else {
+        unreachable!()
+    };
+    let run = |method: &str, body: &[u8]| {
+        let mut child = Command::new("cgi-fcgi")
+            .args(["-bind", "-connect", &address.to_string()])
+            .env("REQUEST_METHOD", method)
+            .env("SERVER_NAME", "localhost")
+            .env("SERVER_PORT", "80")
+            .env("SERVER_PROTOCOL", "HTTP/1.1")
+            .env("REQUEST_URI", "/")
+            .env("CONTENT_LENGTH", body.len().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("cgi-fcgi (libfcgi-bin, installed by .ci/run)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(body)
+            .expect("write");
+        let output = child.wait_with_output().expect("cgi-fcgi output");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let hello = run("GET", b"");
+    assert!(hello.starts_with("Status: 200 OK\r\n"), "{hello}");
+    assert!(hello.ends_with("\r\n\r\nHello, World!\n"), "{hello}");
+    let body = bytes_of(50_000, 8);
+    let echo = run("POST", &body);
+    assert!(echo.contains(&sha256_hex(&body)), "{echo}");
+}
