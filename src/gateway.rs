@@ -38,9 +38,11 @@ pub struct Options {
 
 impl Options {
     /// Command-line options outrank web.config and the environment.
-    fn overrides(&self) -> HashMap<String, String> {
+    pub fn overrides(&self) -> HashMap<String, String> {
         let mut overrides = HashMap::new();
         if let Some(venv) = &self.venv {
+            // A path typed on the command line is relative to the working directory.
+            let venv = std::path::absolute(venv).unwrap_or_else(|_| venv.clone());
             overrides.insert("WSGI_VENV".to_owned(), venv.to_string_lossy().into_owned());
         }
         if let Some(threads) = self.threads {

@@ -1,9 +1,11 @@
 //! wfastcgi: a FastCGI-to-WSGI gateway that embeds CPython. See ARCHITECTURE.md.
 
+pub mod check;
 pub mod config;
 pub mod connection;
 pub mod exchange;
 pub mod gateway;
+pub mod iis;
 pub mod logging;
 pub mod protocol;
 pub mod python;

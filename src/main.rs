@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use wfastcgi::gateway::{self, Options};
 use wfastcgi::server::{StdinError, Transport};
-use wfastcgi::{logging, supervisor};
+use wfastcgi::{iis, logging, supervisor};
 
 /// A FastCGI-to-WSGI gateway for IIS, nginx, Apache and lighttpd that embeds CPython.
 ///
@@ -25,6 +25,32 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check a site before IIS (or nginx) runs it: the settings in effect, the virtualenv and
+    /// Python, whether WSGI_HANDLER loads, the log file, the web.config handler. Exits 1 when
+    /// something would fail.
+    Check {
+        /// The app folder, or its web.config (default: the working directory).
+        target: Option<PathBuf>,
+        /// Also send one GET for this path (and query) through the real handler.
+        #[arg(long, value_name = "/PATH")]
+        request: Option<String>,
+        #[command(flatten)]
+        app: AppArgs,
+    },
+    /// Register this binary with IIS as a FastCGI application (appcmd), and print the
+    /// scriptProcessor value and a <handlers> entry to use.
+    Enable(Registration),
+    /// Remove the registration `enable` made.
+    Disable(Registration),
+    /// Print configuration files.
+    Config {
+        /// A complete web.config for the Django project whose settings are PROJECT.settings.
+        #[arg(long, value_name = "PROJECT")]
+        django: String,
+        /// The virtualenv to name in WSGI_VENV.
+        #[arg(long, value_name = "DIR")]
+        venv: Option<String>,
+    },
     /// Serve FastCGI on standard input, or on a socket given with --bind.
     Serve {
         /// `HOST:PORT` or `unix:/path/to/socket`.
@@ -62,6 +88,24 @@ impl AppArgs {
     }
 }
 
+#[derive(Args)]
+struct Registration {
+    /// Print the appcmd argument vector, one per line, instead of running it.
+    #[arg(long)]
+    dry_run: bool,
+    /// An argument IIS passes to this binary (repeat for several).
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// The appcmd command line to use instead of %windir%\system32\inetsrv\appcmd.exe
+    /// (IIS Express: "C:\Program Files\IIS Express\appcmd.exe" /apphostconfig:FILE).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "APPCMD"
+    )]
+    appcmd: Vec<String>,
+}
+
 #[derive(Args, Clone, Default)]
 struct AppArgs {
     /// The application folder (holding web.config); default: IIS's APPL_PHYSICAL_PATH, else the
@@ -93,6 +137,50 @@ fn parse_mode(text: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{text:?} is not an octal file mode such as 0660"))
 }
 
+/// The commands that do not serve.
+fn tool(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Check {
+            target,
+            request,
+            app,
+        } => {
+            let options = Options {
+                venv: app.venv,
+                ..Options::default()
+            };
+            let fine = wfastcgi::check::run(target, options.overrides(), request.as_deref());
+            return if fine {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Command::Enable(r) => {
+            iis::register(iis::Registration::Enable, &r.appcmd, &r.args, r.dry_run)
+        }
+        Command::Disable(r) => {
+            iis::register(iis::Registration::Disable, &r.appcmd, &r.args, r.dry_run)
+        }
+        Command::Config { django, venv } => std::env::current_exe()
+            .map(|exe| {
+                print!(
+                    "{}",
+                    iis::django_web_config(&django, &exe.to_string_lossy(), venv.as_deref())
+                )
+            })
+            .map_err(Into::into),
+        Command::Serve { .. } => unreachable!("serving is not a tool"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wfastcgi: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (bind, socket_mode, processes, app) = match cli.command {
@@ -103,6 +191,7 @@ fn main() -> ExitCode {
             app,
         }) => (bind, socket_mode, processes, app),
         None => (None, 0o660, None, cli.app),
+        Some(tool_command) => return tool(tool_command),
     };
     let supervised = std::env::var_os(supervisor::LISTEN_FD_VAR).is_some();
     // A socket passed by systemd, or by this binary restarting itself, wins over --bind.

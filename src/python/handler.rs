@@ -64,13 +64,15 @@ fn resolve_dotted<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny
             Err(e) => return Err(e),
         }
     }
-    let detail = match inner_error.or(last_error) {
-        Some(e) => format!(": {}", format_exception(py, &e)),
+    let cause = inner_error.or(last_error);
+    let detail = match &cause {
+        Some(e) => format!(": {}", format_exception(py, e)),
         None => " (it names no module: expected module.attribute)".to_owned(),
     };
-    Err(PyValueError::new_err(format!(
-        "\"{name}\" could not be imported{detail}"
-    )))
+    let error = PyValueError::new_err(format!("\"{name}\" could not be imported{detail}"));
+    // Kept as __cause__, so a diagnosis can look at the import error itself.
+    error.set_cause(py, cause);
+    Err(error)
 }
 
 fn walk<'py, 'a>(

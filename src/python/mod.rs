@@ -4,6 +4,8 @@
 //! holds the GIL while Python runs and releases it only to wait (for the next job, for body
 //! bytes, for room in the response queue).
 
+mod diagnose;
+mod extras;
 mod handler;
 mod input;
 pub mod interpreter;
@@ -23,6 +25,7 @@ use crate::exchange::{Job, Output, ResponseEncoder};
 use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
 
+pub use diagnose::{diagnose, run_request, Diagnosis, HandlerReport, RequestReport};
 pub use response::error_response;
 
 use input::WsgiInput;
@@ -53,7 +56,33 @@ pub struct App {
 pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
     let error_detail = config.error_detail().map_err(|e| e.to_string())?;
     let input_spool = config.input_spool().map_err(|e| e.to_string())?;
-    let handler_name = config.handler().ok_or_else(|| {
+    let handler_name = handler_name(config)?;
+    Python::attach(|py| {
+        prepare_interpreter(py, config).map_err(|e| format_exception(py, &e))?;
+        extras::start_debuggers(py);
+        let handler = handler::resolve(py, &handler_name).map_err(|e| {
+            format!(
+                "Error occurred while reading WSGI handler {handler_name:?}:\n{}",
+                format_exception(py, &e)
+            )
+        })?;
+        let handler = extras::wrap_for_application_insights(py, handler);
+        let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
+        tracing::info!("WSGI handler {handler_name:?} loaded");
+        Ok(App {
+            handler: handler.unbind(),
+            base_environ: base_environ.unbind(),
+            allow_path_info_for_script_mappings: config.allow_path_info_for_script_mappings(),
+            script_name: config.script_name(),
+            input_spool,
+            error_detail,
+        })
+    })
+}
+
+/// `WSGI_HANDLER`, or a message that says where it should have been set.
+fn handler_name(config: &AppConfig) -> Result<String, String> {
+    config.handler().ok_or_else(|| {
         let source = match &config.web_config {
             Some(path) => format!(
                 "{} has no <add key=\"WSGI_HANDLER\" .../> in <appSettings>",
@@ -65,25 +94,6 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
             ),
         };
         format!("WSGI_HANDLER is not set: {source}")
-    })?;
-    Python::attach(|py| {
-        prepare_interpreter(py, config).map_err(|e| format_exception(py, &e))?;
-        let handler = handler::resolve(py, &handler_name).map_err(|e| {
-            format!(
-                "Error occurred while reading WSGI handler {handler_name:?}:\n{}",
-                format_exception(py, &e)
-            )
-        })?;
-        let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
-        tracing::info!("WSGI handler {handler_name:?} loaded");
-        Ok(App {
-            handler: handler.unbind(),
-            base_environ: base_environ.unbind(),
-            allow_path_info_for_script_mappings: config.allow_path_info_for_script_mappings(),
-            script_name: config.script_name(),
-            input_spool,
-            error_detail,
-        })
     })
 }
 
@@ -139,7 +149,7 @@ pub fn serve_jobs(app: &App, first: Option<Job>, jobs: &Receiver<Job>) {
     });
 }
 
-fn handle(py: Python<'_>, app: &App, job: Job) {
+pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
     let Job {
         params,
         body,
