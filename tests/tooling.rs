@@ -176,137 +176,90 @@ fn check_passes_a_good_site_and_accepts_a_web_config_path() {
     }
 }
 
+/// A broken set-up and the message the check must give for it.
+struct Case {
+    name: &'static str,
+    handler: &'static str,
+    settings: Vec<(&'static str, String)>,
+    /// Files to add to the app folder.
+    files: &'static [(&'static str, &'static str)],
+    args: Vec<String>,
+    message: &'static str,
+}
+
+impl Case {
+    fn new(name: &'static str, handler: &'static str, message: &'static str) -> Case {
+        Case {
+            name,
+            handler,
+            settings: Vec::new(),
+            files: &[],
+            args: Vec::new(),
+            message,
+        }
+    }
+}
+
 /// Each broken set-up fails the check with its own message.
 #[test]
 fn check_names_each_broken_set_up() {
     let venv = std::env::var("WFASTCGI_TEST_VENV").expect("run through scripts/test");
-    let cases: Vec<(&str, Box<dyn Fn(&AppDir)>, Vec<&str>, &str)> = vec![
-        (
-            "no handler",
-            Box::new(|app: &AppDir| {
-                write(
-                    app,
-                    "web.config",
-                    "<configuration><appSettings/></configuration>",
-                )
-            }),
-            vec![],
-            "WSGI_HANDLER is not set",
-        ),
-        (
-            "malformed web.config",
-            Box::new(|app: &AppDir| {
-                write(
-                    app,
-                    "web.config",
-                    "<configuration><appSettings></configuration>",
-                )
-            }),
-            vec![],
-            "web.config: XML error",
-        ),
-        (
-            "missing module",
-            Box::new(|_: &AppDir| {}),
-            vec![],
-            "no part of \"nosuch.app\" imports",
-        ),
-        (
-            "missing attribute",
-            Box::new(|_: &AppDir| {}),
-            vec![],
-            "the nearest part that imports is \"hello\"",
-        ),
-        (
-            "missing PYTHONPATH entry",
-            Box::new(|app: &AppDir| {
-                std::fs::create_dir(app.path().join("lib")).expect("mkdir");
-                write(app, "lib/helper.py", "VALUE = 1\n");
-                write(app, "site_app.py", "import helper\nfrom hello import app\n");
-            }),
-            vec![],
-            "module \"helper\" is in",
-        ),
-        (
-            "Django without settings",
-            Box::new(|_: &AppDir| {}),
-            vec!["--venv", &venv],
-            "DJANGO_SETTINGS_MODULE is not set",
-        ),
-        (
-            "bad virtualenv",
-            Box::new(|_: &AppDir| {}),
-            vec!["--venv", "/no/such/venv"],
-            "virtualenv /no/such/venv is not usable",
-        ),
-        (
-            "invalid regex",
-            Box::new(|_: &AppDir| {}),
-            vec![],
-            "cannot be used (the default would be)",
-        ),
-        (
-            "unwritable log",
-            Box::new(|_: &AppDir| {}),
-            vec![],
-            "cannot be opened",
-        ),
-        (
-            "invalid setting",
-            Box::new(|_: &AppDir| {}),
-            vec![],
-            "WSGI_THREADS=\"zero\" is invalid",
-        ),
-        (
-            "not callable",
-            Box::new(|_: &AppDir| {}),
-            vec![],
-            "is a bytes, not a callable",
-        ),
-        (
-            "request fails",
-            Box::new(|_: &AppDir| {}),
-            vec!["--request", "/"],
-            "GET / answered 500 Internal Server Error",
-        ),
+    let unwritable = std::env::temp_dir().join("wfastcgi-no-such-dir-parent");
+    std::fs::write(&unwritable, "a file, so nothing can be created below it").expect("write");
+    let cases = [
+        Case {
+            files: &[("web.config", "<configuration><appSettings/></configuration>")],
+            ..Case::new("no handler", "hello.app", "WSGI_HANDLER is not set")
+        },
+        Case {
+            files: &[("web.config", "<configuration><appSettings></configuration>")],
+            ..Case::new("malformed web.config", "hello.app", "web.config: XML error")
+        },
+        Case::new("missing module", "nosuch.app", "no part of \"nosuch.app\" imports"),
+        Case::new("missing attribute", "hello.nosuch", "the nearest part that imports is \"hello\""),
+        Case {
+            files: &[("lib/helper.py", "VALUE = 1\n"), ("site_app.py", "import helper\nfrom hello import app\n")],
+            ..Case::new("missing PYTHONPATH entry", "site_app.app", "module \"helper\" is in")
+        },
+        Case {
+            args: vec!["--venv".into(), venv.clone()],
+            ..Case::new("Django without settings", "django.core.wsgi.get_wsgi_application()", "DJANGO_SETTINGS_MODULE is not set")
+        },
+        Case {
+            args: vec!["--venv".into(), "/no/such/venv".into()],
+            ..Case::new("bad virtualenv", "hello.app", "virtualenv /no/such/venv is not usable")
+        },
+        Case {
+            settings: vec![("WSGI_RESTART_FILE_REGEX", r"(?<=x)\.py".into())],
+            ..Case::new("invalid regex", "hello.app", "cannot be used (the default would be)")
+        },
+        Case {
+            settings: vec![("WSGI_LOG", unwritable.join("x.log").to_string_lossy().into_owned())],
+            ..Case::new("unwritable log", "hello.app", "cannot be opened")
+        },
+        Case {
+            settings: vec![("WSGI_THREADS", "zero".into())],
+            ..Case::new("invalid setting", "hello.app", "WSGI_THREADS=\"zero\" is invalid")
+        },
+        Case::new("not callable", "hello.BODY", "is a bytes, not a callable"),
+        Case {
+            args: vec!["--request".into(), "/".into()],
+            ..Case::new("request fails", "errors.call_error", "GET / answered 500 Internal Server Error")
+        },
     ];
-    let handlers = [
-        "hello.app",
-        "hello.app",
-        "nosuch.app",
-        "hello.nosuch",
-        "site_app.app",
-        "django.core.wsgi.get_wsgi_application()",
-        "hello.app",
-        "hello.app",
-        "hello.app",
-        "hello.app",
-        "hello.BODY",
-        "errors.call_error",
-    ];
-    for ((name, prepare, args, message), handler) in cases.iter().zip(handlers) {
-        let settings: Vec<(&str, &str)> = match *name {
-            "invalid regex" => vec![("WSGI_RESTART_FILE_REGEX", r"(?<=x)\.py")],
-            "invalid setting" => vec![("WSGI_THREADS", "zero")],
-            _ => vec![],
-        };
-        let app = AppDir::new(handler, &settings);
-        if *name == "unwritable log" {
-            let log = app.path().join("web.config").join("x.log");
-            let log = log.to_string_lossy().into_owned();
-            let app = AppDir::new(handler, &[("WSGI_LOG", &log)]);
-            let (ok, report) = check(app.path(), args);
-            assert!(!ok && report.contains(message), "{name}: {report}");
-            continue;
+    for case in &cases {
+        let settings: Vec<(&str, &str)> = case.settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let app = AppDir::new(case.handler, &settings);
+        for (path, text) in case.files {
+            let path = app.path().join(path);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(path, text).expect("write");
         }
-        prepare(&app);
-        let (ok, report) = check(app.path(), args);
-        assert!(!ok, "{name}: the check passed:\n{report}");
-        assert!(
-            report.contains(message),
-            "{name}: {message:?} missing from:\n{report}"
-        );
-        assert!(report.contains("FAIL"), "{name}");
+        let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
+        let (ok, report) = check(app.path(), &args);
+        assert!(!ok, "{}: the check passed:\n{report}", case.name);
+        assert!(report.contains(case.message), "{}: {:?} missing from:\n{report}", case.name, case.message);
+        assert!(report.contains("FAIL"), "{}", case.name);
     }
 }
 
