@@ -15,4 +15,6 @@ pub mod shutdown;
 #[cfg(unix)]
 pub mod supervisor;
 pub mod watcher;
+#[cfg(windows)]
+mod windows;
 pub mod worker;

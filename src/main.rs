@@ -7,7 +7,9 @@ use clap::{Args, Parser, Subcommand};
 
 use wfastcgi::gateway::{self, Options};
 use wfastcgi::server::{StdinError, Transport};
-use wfastcgi::{iis, logging, supervisor};
+#[cfg(unix)]
+use wfastcgi::supervisor;
+use wfastcgi::{iis, logging};
 
 /// A FastCGI-to-WSGI gateway for IIS, nginx, Apache and lighttpd that embeds CPython.
 ///
@@ -67,6 +69,7 @@ enum Command {
     },
 }
 
+#[cfg(unix)]
 impl AppArgs {
     /// The same options for a worker process, with the app folder made absolute.
     fn worker_args(&self) -> Vec<std::ffi::OsString> {
@@ -193,7 +196,10 @@ fn main() -> ExitCode {
         None => (None, 0o660, None, cli.app),
         Some(tool_command) => return tool(tool_command),
     };
+    #[cfg(unix)]
     let supervised = std::env::var_os(supervisor::LISTEN_FD_VAR).is_some();
+    #[cfg(not(unix))]
+    let supervised = false;
     // A socket passed by systemd, or by this binary restarting itself, wins over --bind.
     let activated = activation_transport();
     let transport = match (activated, &bind) {
@@ -230,12 +236,17 @@ fn main() -> ExitCode {
         supervised,
     };
     let served = match processes {
+        #[cfg(unix)]
         Some(processes) => gateway::supervise(
             transport,
             options,
             usize::from(processes),
             app.worker_args(),
         ),
+        #[cfg(not(unix))]
+        Some(_) => Err(anyhow::anyhow!(
+            "--processes is not available on Windows: IIS runs maxInstances processes"
+        )),
         None => gateway::serve(transport, options),
     };
     match served {

@@ -10,11 +10,12 @@
 //!   connection is refused.
 
 use std::io;
+#[cfg(unix)]
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
@@ -26,6 +27,9 @@ use crate::shutdown::{Reason, Shutdown, Trigger};
 pub enum Transport {
     Stream(Socket),
     Listener(Socket),
+    /// IIS's named pipe on standard input.
+    #[cfg(windows)]
+    NamedPipe(std::os::windows::io::OwnedHandle),
 }
 
 /// Why fd 0 cannot be served.
@@ -39,7 +43,23 @@ pub enum StdinError {
 
 impl Transport {
     pub fn is_stream(&self) -> bool {
-        matches!(self, Transport::Stream(_))
+        match self {
+            Transport::Stream(_) => true,
+            Transport::Listener(_) => false,
+            #[cfg(windows)]
+            Transport::NamedPipe(_) => true,
+        }
+    }
+
+    /// Takes standard input as IIS hands it over on Windows.
+    #[cfg(windows)]
+    pub fn from_stdin() -> Result<Transport, StdinError> {
+        match crate::windows::stdin().map_err(StdinError::Io)? {
+            crate::windows::Stdin::NamedPipe(pipe) => Ok(Transport::NamedPipe(pipe)),
+            crate::windows::Stdin::Listener(socket) => Ok(Transport::Listener(socket)),
+            crate::windows::Stdin::Terminal => Err(StdinError::Terminal),
+            crate::windows::Stdin::Other => Err(StdinError::NotASocket),
+        }
     }
 
     /// Takes fd 0 as IIS (or a Unix FastCGI spawner) hands it over.
@@ -97,9 +117,12 @@ impl Transport {
 
     /// Binds `host:port`, or `unix:/path` with the file mode `socket_mode`.
     pub fn bind(address: &str, socket_mode: u32) -> Result<Transport> {
+        #[cfg(unix)]
         if let Some(path) = address.strip_prefix("unix:") {
             return bind_unix(PathBuf::from(path), socket_mode);
         }
+        #[cfg(not(unix))]
+        let _ = socket_mode;
         let address: std::net::SocketAddr = address
             .parse()
             .with_context(|| format!("--bind {address:?}: expected HOST:PORT or unix:/path"))?;
@@ -119,7 +142,7 @@ fn bind_unix(path: PathBuf, socket_mode: u32) -> Result<Transport> {
     if path.exists() {
         // A socket file nobody listens on is left over from a dead process: replace it.
         match std::os::unix::net::UnixStream::connect(&path) {
-            Ok(_) => bail!("{} is in use by a live socket", path.display()),
+            Ok(_) => anyhow::bail!("{} is in use by a live socket", path.display()),
             Err(_) => std::fs::remove_file(&path)
                 .with_context(|| format!("cannot remove stale socket {}", path.display()))?,
         }
@@ -147,6 +170,15 @@ pub async fn run(
             match adopt_stream(socket) {
                 Ok(stream) => stream.serve(context, trigger.subscribe()).await,
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
+            }
+            trigger.fire(Reason::EndOfStream);
+            None
+        }
+        #[cfg(windows)]
+        Transport::NamedPipe(pipe) => {
+            match crate::windows::adopt_pipe(pipe) {
+                Ok(pipe) => serve_connection(pipe, context, trigger.subscribe()).await,
+                Err(e) => tracing::error!("cannot use the IIS pipe: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
             None
@@ -272,6 +304,7 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+#[cfg(unix)]
 fn is_unix(socket: &Socket) -> io::Result<bool> {
     Ok(socket.local_addr()?.is_unix())
 }
@@ -357,4 +390,20 @@ pub fn reexec(listener: Socket) -> io::Error {
         .env("LISTEN_FDS", "1")
         .env("LISTEN_PID", std::process::id().to_string())
         .exec()
+}
+
+/// Ctrl-C or IIS's shutdown event starts a graceful shutdown; a second Ctrl-C exits at once.
+#[cfg(windows)]
+async fn watch_signals(trigger: Trigger) {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = crate::windows::shutdown_event() => {}
+    }
+    trigger.fire(Reason::Signal);
+    tracing::info!("shutdown requested: finishing the requests in flight, then exiting");
+    if tokio::signal::ctrl_c().await.is_ok() {
+        tracing::warn!("second interrupt: exiting now");
+        crate::logging::flush();
+        std::process::exit(1);
+    }
 }

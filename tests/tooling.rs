@@ -208,47 +208,92 @@ fn check_names_each_broken_set_up() {
     std::fs::write(&unwritable, "a file, so nothing can be created below it").expect("write");
     let cases = [
         Case {
-            files: &[("web.config", "<configuration><appSettings/></configuration>")],
+            files: &[(
+                "web.config",
+                "<configuration><appSettings/></configuration>",
+            )],
             ..Case::new("no handler", "hello.app", "WSGI_HANDLER is not set")
         },
         Case {
             files: &[("web.config", "<configuration><appSettings></configuration>")],
             ..Case::new("malformed web.config", "hello.app", "web.config: XML error")
         },
-        Case::new("missing module", "nosuch.app", "no part of \"nosuch.app\" imports"),
-        Case::new("missing attribute", "hello.nosuch", "the nearest part that imports is \"hello\""),
+        Case::new(
+            "missing module",
+            "nosuch.app",
+            "no part of \"nosuch.app\" imports",
+        ),
+        Case::new(
+            "missing attribute",
+            "hello.nosuch",
+            "the nearest part that imports is \"hello\"",
+        ),
         Case {
-            files: &[("lib/helper.py", "VALUE = 1\n"), ("site_app.py", "import helper\nfrom hello import app\n")],
-            ..Case::new("missing PYTHONPATH entry", "site_app.app", "module \"helper\" is in")
+            files: &[
+                ("lib/helper.py", "VALUE = 1\n"),
+                ("site_app.py", "import helper\nfrom hello import app\n"),
+            ],
+            ..Case::new(
+                "missing PYTHONPATH entry",
+                "site_app.app",
+                "module \"helper\" is in",
+            )
         },
         Case {
             args: vec!["--venv".into(), venv.clone()],
-            ..Case::new("Django without settings", "django.core.wsgi.get_wsgi_application()", "DJANGO_SETTINGS_MODULE is not set")
+            ..Case::new(
+                "Django without settings",
+                "django.core.wsgi.get_wsgi_application()",
+                "DJANGO_SETTINGS_MODULE is not set",
+            )
         },
         Case {
             args: vec!["--venv".into(), "/no/such/venv".into()],
-            ..Case::new("bad virtualenv", "hello.app", "virtualenv /no/such/venv is not usable")
+            ..Case::new(
+                "bad virtualenv",
+                "hello.app",
+                "virtualenv /no/such/venv is not usable",
+            )
         },
         Case {
             settings: vec![("WSGI_RESTART_FILE_REGEX", r"(?<=x)\.py".into())],
-            ..Case::new("invalid regex", "hello.app", "cannot be used (the default would be)")
+            ..Case::new(
+                "invalid regex",
+                "hello.app",
+                "cannot be used (the default would be)",
+            )
         },
         Case {
-            settings: vec![("WSGI_LOG", unwritable.join("x.log").to_string_lossy().into_owned())],
+            settings: vec![(
+                "WSGI_LOG",
+                unwritable.join("x.log").to_string_lossy().into_owned(),
+            )],
             ..Case::new("unwritable log", "hello.app", "cannot be opened")
         },
         Case {
             settings: vec![("WSGI_THREADS", "zero".into())],
-            ..Case::new("invalid setting", "hello.app", "WSGI_THREADS=\"zero\" is invalid")
+            ..Case::new(
+                "invalid setting",
+                "hello.app",
+                "WSGI_THREADS=\"zero\" is invalid",
+            )
         },
         Case::new("not callable", "hello.BODY", "is a bytes, not a callable"),
         Case {
             args: vec!["--request".into(), "/".into()],
-            ..Case::new("request fails", "errors.call_error", "GET / answered 500 Internal Server Error")
+            ..Case::new(
+                "request fails",
+                "errors.call_error",
+                "GET / answered 500 Internal Server Error",
+            )
         },
     ];
     for case in &cases {
-        let settings: Vec<(&str, &str)> = case.settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let settings: Vec<(&str, &str)> = case
+            .settings
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .collect();
         let app = AppDir::new(case.handler, &settings);
         for (path, text) in case.files {
             let path = app.path().join(path);
@@ -258,7 +303,12 @@ fn check_names_each_broken_set_up() {
         let args: Vec<&str> = case.args.iter().map(String::as_str).collect();
         let (ok, report) = check(app.path(), &args);
         assert!(!ok, "{}: the check passed:\n{report}", case.name);
-        assert!(report.contains(case.message), "{}: {:?} missing from:\n{report}", case.name, case.message);
+        assert!(
+            report.contains(case.message),
+            "{}: {:?} missing from:\n{report}",
+            case.name,
+            case.message
+        );
         assert!(report.contains("FAIL"), "{}", case.name);
     }
 }

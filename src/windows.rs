@@ -1,0 +1,99 @@
+//! The Windows-only pieces, kept this small: what IIS hands over as standard input, and its
+//! shutdown event. Everything they feed (the connection, the accept loop, shutdown) is the
+//! shared code tested on Linux; see ARCHITECTURE.md.
+
+use std::io;
+use std::os::windows::io::{FromRawHandle, FromRawSocket, OwnedHandle, RawHandle, RawSocket};
+
+use socket2::Socket;
+use windows_sys::Win32::Foundation::{HANDLE, INVALID_HANDLE_VALUE};
+use windows_sys::Win32::Networking::WinSock::{
+    getsockopt, WSAStartup, SOCKET, SOL_SOCKET, SO_ACCEPTCONN, WSADATA,
+};
+use windows_sys::Win32::Storage::FileSystem::{GetFileType, FILE_TYPE_CHAR, FILE_TYPE_PIPE};
+use windows_sys::Win32::System::Console::{GetStdHandle, STD_INPUT_HANDLE};
+use windows_sys::Win32::System::Threading::{WaitForSingleObject, INFINITE};
+
+/// What standard input is.
+pub enum Stdin {
+    /// IIS's default NamedPipe protocol: the server end of a duplex, overlapped named pipe.
+    NamedPipe(OwnedHandle),
+    /// IIS's `protocol="Tcp"`: a listening socket on 127.0.0.1.
+    Listener(Socket),
+    Terminal,
+    Other,
+}
+
+pub fn stdin() -> io::Result<Stdin> {
+    // SAFETY: GetStdHandle returns the process's standard input handle or an invalid value.
+    let handle: HANDLE = unsafe { GetStdHandle(STD_INPUT_HANDLE) };
+    if handle.is_null() || handle == INVALID_HANDLE_VALUE {
+        return Ok(Stdin::Other);
+    }
+    // SAFETY: GetFileType only inspects the handle.
+    match unsafe { GetFileType(handle) } {
+        FILE_TYPE_CHAR => Ok(Stdin::Terminal),
+        // A SOCKET also reports FILE_TYPE_PIPE; only a listening socket answers SO_ACCEPTCONN.
+        FILE_TYPE_PIPE if is_listening_socket(handle as SOCKET) => {
+            // SAFETY: the handle is a socket this process owns from now on.
+            Ok(Stdin::Listener(unsafe {
+                Socket::from_raw_socket(handle as RawSocket)
+            }))
+        }
+        // SAFETY: the handle is the pipe IIS gave this process; it becomes its only owner.
+        FILE_TYPE_PIPE => Ok(Stdin::NamedPipe(unsafe {
+            OwnedHandle::from_raw_handle(handle as RawHandle)
+        })),
+        _ => Ok(Stdin::Other),
+    }
+}
+
+fn is_listening_socket(socket: SOCKET) -> bool {
+    let mut accepting: i32 = 0;
+    let mut length = std::mem::size_of::<i32>() as i32;
+    // SAFETY: Winsock is started before use (idempotent); getsockopt writes at most `length`
+    // bytes into `accepting` and fails harmlessly on a handle that is not a socket.
+    unsafe {
+        let mut data: WSADATA = std::mem::zeroed();
+        WSAStartup(0x0202, &mut data);
+        getsockopt(
+            socket,
+            SOL_SOCKET,
+            SO_ACCEPTCONN,
+            (&mut accepting as *mut i32).cast(),
+            &mut length,
+        ) == 0
+            && accepting != 0
+    }
+}
+
+/// Takes the pipe over for tokio. The handle must be overlapped, as IIS creates it.
+pub fn adopt_pipe(
+    handle: OwnedHandle,
+) -> io::Result<tokio::net::windows::named_pipe::NamedPipeServer> {
+    use std::os::windows::io::IntoRawHandle;
+    // SAFETY: the handle is an owned, overlapped named pipe; ownership moves to tokio.
+    unsafe {
+        tokio::net::windows::named_pipe::NamedPipeServer::from_raw_handle(handle.into_raw_handle())
+    }
+}
+
+/// Resolves when IIS signals `_FCGI_SHUTDOWN_EVENT_` (set when `signalBeforeTerminateSeconds`
+/// is above 0); never, without one.
+pub async fn shutdown_event() {
+    let Some(handle) = std::env::var("_FCGI_SHUTDOWN_EVENT_")
+        .ok()
+        .and_then(|value| value.trim().parse::<usize>().ok())
+    else {
+        return std::future::pending().await;
+    };
+    // The event handle is inherited; waiting on it blocks, so a blocking thread does it.
+    let waited = tokio::task::spawn_blocking(move || {
+        // SAFETY: the handle value names the inheritable event IIS created for this process.
+        unsafe { WaitForSingleObject(handle as HANDLE, INFINITE) }
+    })
+    .await;
+    if waited.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
