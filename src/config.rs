@@ -133,6 +133,26 @@ impl AppConfig {
         Ok(Duration::from_secs(seconds))
     }
 
+    /// `WSGI_MAX_BODY`: the largest request body accepted, in bytes; larger ones are answered
+    /// `413` before the application runs. Off by default.
+    pub fn max_body(&self) -> Result<Option<u64>> {
+        match self.get_nonempty("WSGI_MAX_BODY") {
+            None => Ok(None),
+            Some(value) => value
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| invalid("WSGI_MAX_BODY", &value, "a number of bytes")),
+        }
+    }
+
+    /// `WSGI_IDLE_TIMEOUT`: seconds a connection may wait between requests (listening modes);
+    /// 0 turns it off.
+    pub fn idle_timeout(&self) -> Result<Option<Duration>> {
+        let seconds = self.parse_number("WSGI_IDLE_TIMEOUT", 300)?;
+        Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
+    }
+
     /// `WSGI_QUEUE_LENGTH`: requests that may wait for a busy worker; more get a 503.
     pub fn queue_length(&self) -> Result<usize> {
         match self.get_nonempty("WSGI_QUEUE_LENGTH") {

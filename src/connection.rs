@@ -34,6 +34,8 @@ pub struct ServerContext {
     pub max_reqs: usize,
     /// FCGI_WEB_SERVER_ADDRS: TCP peers allowed to connect; `None` allows all.
     pub allowed_peers: Option<Vec<std::net::IpAddr>>,
+    /// How long a connection may sit without a request in progress before it is closed.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// Why a connection ended early.
@@ -132,7 +134,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Ok(());
             }
             let reading = !self.peer_closed && !self.has_pending_body();
+            let idle_limit = self
+                .context
+                .idle_timeout
+                .filter(|_| !matches!(self.state, State::Running(_)));
             tokio::select! {
+                _ = sleep_for(idle_limit) => {
+                    tracing::info!("connection idle for {:?}: closed", idle_limit.unwrap_or_default());
+                    return Ok(());
+                }
                 wake = running_event(&mut self.state) => match wake {
                     Wake::Output(output) => self.write_output(output).await?,
                     Wake::BodyDelivered(true) => {}
@@ -510,6 +520,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         write_all_vectored(&mut self.stream, &mut batch).await?;
         Ok(())
+    }
+}
+
+async fn sleep_for(limit: Option<std::time::Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep(limit).await,
+        None => std::future::pending().await,
     }
 }
 

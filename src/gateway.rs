@@ -138,9 +138,15 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         (None, true) => None,
     };
 
-    let (queue_length, allowed_peers) = match eager_site.as_ref().map(|s| &s.config) {
-        Some(Ok(config)) => (config.queue_length()?, config.web_server_addrs()?),
-        _ => (DEFAULT_QUEUE_LENGTH, None),
+    // Under IIS, IIS owns connection lifetimes: no idle timeout.
+    let (queue_length, allowed_peers, idle_timeout) = match eager_site.as_ref().map(|s| &s.config) {
+        Some(Ok(config)) if !iis_stream => (
+            config.queue_length()?,
+            config.web_server_addrs()?,
+            config.idle_timeout()?,
+        ),
+        Some(Ok(config)) => (config.queue_length()?, config.web_server_addrs()?, None),
+        _ => (DEFAULT_QUEUE_LENGTH, None, None),
     };
     let (jobs, job_receiver) = worker::queue(queue_length);
     let (max_conns, max_reqs) = if iis_stream {
@@ -154,6 +160,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         max_conns,
         max_reqs,
         allowed_peers,
+        idle_timeout,
     });
     let (trigger, _) = shutdown::channel();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -167,22 +167,44 @@ pub enum ProtocolError {
     UnsupportedVersion(u8),
     /// A fixed-layout record (BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, UNKNOWN_TYPE) has content
     /// of the wrong length.
-    BadBodyLength { record_type: u8, len: usize },
+    BadBodyLength {
+        record_type: u8,
+        len: usize,
+    },
     /// The stream ended inside a record. `need` is the record's whole length, or [`HEADER_LEN`]
     /// while its header was incomplete.
-    TruncatedRecord { have: usize, need: usize },
+    TruncatedRecord {
+        have: usize,
+        need: usize,
+    },
     /// A management record carries a non-zero request id.
-    ManagementRecordWithRequestId { record_type: u8, request_id: u16 },
+    ManagementRecordWithRequestId {
+        record_type: u8,
+        request_id: u16,
+    },
     /// A request record carries the null request id.
-    RequestRecordWithNullId { record_type: u8 },
+    RequestRecordWithNullId {
+        record_type: u8,
+    },
     /// Name-value data ends inside a pair.
     NameValueTruncated,
     /// A name's declared length exceeds [`ParamLimits::max_name`].
-    NameTooLong { len: usize, limit: usize },
+    NameTooLong {
+        len: usize,
+        limit: usize,
+    },
     /// A value's declared length exceeds [`ParamLimits::max_value`].
-    ValueTooLong { len: usize, limit: usize },
+    ValueTooLong {
+        len: usize,
+        limit: usize,
+    },
     /// The name-value data exceeds [`ParamLimits::max_total`].
-    ParamsTooLarge { limit: usize },
+    ParamsTooLarge {
+        limit: usize,
+    },
+    TooManyParams {
+        limit: usize,
+    },
 }
 
 impl fmt::Display for ProtocolError {
@@ -236,6 +258,9 @@ impl fmt::Display for ProtocolError {
             }
             Self::ParamsTooLarge { limit } => {
                 write!(f, "parameters exceed the limit of {limit} bytes in total")
+            }
+            Self::TooManyParams { limit } => {
+                write!(f, "more than {limit} parameters")
             }
         }
     }

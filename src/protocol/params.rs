@@ -23,6 +23,9 @@ pub struct ParamLimits {
     pub max_name: usize,
     /// Length of one value (default 1 MiB).
     pub max_value: usize,
+    /// Number of pairs (default 10 000): each costs a table entry, so a stream of empty pairs
+    /// must not cost 32 times its size.
+    pub max_pairs: usize,
 }
 
 impl Default for ParamLimits {
@@ -31,6 +34,7 @@ impl Default for ParamLimits {
             max_total: 1 << 20,
             max_name: 64 << 10,
             max_value: 1 << 20,
+            max_pairs: 10_000,
         }
     }
 }
@@ -92,6 +96,16 @@ impl ParamsBuilder {
         }
     }
 
+    fn add(&mut self, name: Bytes, value: Bytes) -> Result<(), ProtocolError> {
+        if self.params.len() >= self.limits.max_pairs {
+            return Err(ProtocolError::TooManyParams {
+                limit: self.limits.max_pairs,
+            });
+        }
+        self.params.push(name, value);
+        Ok(())
+    }
+
     /// Takes the content of one non-empty PARAMS record. After an error the builder is spent.
     pub fn push(&mut self, mut content: Bytes) -> Result<(), ProtocolError> {
         // Checked before any of the record is kept.
@@ -106,7 +120,7 @@ impl ParamsBuilder {
             match scan_pair(&self.carry, &self.limits)? {
                 Scan::Pair { name, value } => {
                     let pair = Bytes::from(mem::take(&mut self.carry));
-                    self.params.push(pair.slice(name), pair.slice(value));
+                    self.add(pair.slice(name), pair.slice(value))?;
                 }
                 Scan::NeedMore(_) if content.is_empty() => return Ok(()),
                 Scan::NeedMore(more) => {
@@ -122,7 +136,7 @@ impl ParamsBuilder {
             match scan_pair(&content, &self.limits)? {
                 Scan::Pair { name, value } => {
                     let pair = content.split_to(value.end);
-                    self.params.push(pair.slice(name), pair.slice(value));
+                    self.add(pair.slice(name), pair.slice(value))?;
                 }
                 Scan::NeedMore(_) => {
                     self.carry = content.to_vec();
@@ -282,6 +296,7 @@ mod tests {
             max_total: 4 << 20,
             max_name: 2 << 20,
             max_value: 2 << 20,
+            max_pairs: 1 << 20,
         }
     }
 
@@ -423,6 +438,7 @@ mod tests {
             max_total: 1000,
             max_name: 3,
             max_value: 4,
+            max_pairs: 10,
         };
         let fits = encode_pairs(&[(b"abc", b"defg")]);
         assert!(decode_name_values(&fits, &at_limits).is_ok());
@@ -502,6 +518,7 @@ mod tests {
             max_total: 4096,
             max_name: 512,
             max_value: 1024,
+            max_pairs: 100,
         };
         for _ in 0..2000 {
             let len = rng.below(300);
@@ -509,5 +526,20 @@ mod tests {
             let record_lens: Vec<usize> = (0..8).map(|_| 1 + rng.below(64)).collect();
             let _ = build(&garbage, record_lens, limits);
         }
+    }
+
+    #[test]
+    fn the_number_of_pairs_is_limited() {
+        let limits = ParamLimits {
+            max_pairs: 3,
+            ..ParamLimits::default()
+        };
+        let three = encode_pairs(&[(b"a", b""), (b"b", b""), (b"c", b"")]);
+        assert_eq!(decode_name_values(&three, &limits).map(|p| p.len()), Ok(3));
+        let four = encode_pairs(&[(b"a", b""), (b"b", b""), (b"c", b""), (b"d", b"")]);
+        assert_eq!(
+            decode_name_values(&four, &limits),
+            Err(ProtocolError::TooManyParams { limit: 3 })
+        );
     }
 }

@@ -47,6 +47,7 @@ pub struct App {
     allow_path_info_for_script_mappings: bool,
     script_name: Option<String>,
     input_spool: Option<u64>,
+    max_body: Option<u64>,
     pub error_detail: ErrorDetail,
 }
 
@@ -56,6 +57,7 @@ pub struct App {
 pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
     let error_detail = config.error_detail().map_err(|e| e.to_string())?;
     let input_spool = config.input_spool().map_err(|e| e.to_string())?;
+    let max_body = config.max_body().map_err(|e| e.to_string())?;
     let handler_name = handler_name(config)?;
     Python::attach(|py| {
         prepare_interpreter(py, config).map_err(|e| format_exception(py, &e))?;
@@ -75,6 +77,7 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
             allow_path_info_for_script_mappings: config.allow_path_info_for_script_mappings(),
             script_name: config.script_name(),
             input_spool,
+            max_body,
             error_detail,
         })
     })
@@ -155,9 +158,25 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
         body,
         response,
     } = job;
-    let content_length = params
-        .get(b"CONTENT_LENGTH")
-        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok());
+    let content_length = match content_length(&params) {
+        Ok(length) => length,
+        Err(()) => {
+            tracing::warn!(
+                "{}: non-numeric CONTENT_LENGTH refused with 400",
+                describe(&params)
+            );
+            return refuse(response, "400 Bad Request");
+        }
+    };
+    if let (Some(length), Some(max)) = (content_length, app.max_body) {
+        if length > max {
+            tracing::warn!(
+                "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
+                describe(&params)
+            );
+            return refuse(response, "413 Content Too Large");
+        }
+    }
     let responder = match Bound::new(py, StartResponse::new(response)) {
         Ok(responder) => responder,
         Err(e) => {
@@ -182,6 +201,28 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
             .borrow_mut()
             .fail(py, failure, app.error_detail, &what);
     }
+}
+
+/// CONTENT_LENGTH as a number; absent or empty is `None`; anything else is an error.
+fn content_length(params: &Params) -> Result<Option<u64>, ()> {
+    match params.get(b"CONTENT_LENGTH").map(|v| v.trim_ascii()) {
+        None => Ok(None),
+        Some(v) if v.is_empty() => Ok(None),
+        Some(v) => std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Some)
+            .ok_or(()),
+    }
+}
+
+/// Answers a request the application never sees.
+fn refuse(response: crate::exchange::ResponseSink, status: &str) {
+    let mut encoder = ResponseEncoder::new(response.request_id());
+    let reason = status.split_once(' ').map_or(status, |(_, reason)| reason);
+    crate::exchange::simple_response(&mut encoder, status, &[], format!("{reason}\n").as_bytes());
+    // A new job's output channel is empty: this cannot wait.
+    let _ = response.try_send(Output::End(encoder.finish(0)));
 }
 
 /// `GET /path` for log lines, with control characters escaped so a request cannot forge lines.

@@ -141,3 +141,8 @@ def tracked(environ, start_response):
         start_response("200 OK", list(TEXT))
         return _SlowTracked(100, 0.05)
     return close_tracker(environ, start_response)
+
+
+def non_str_header(environ, start_response):
+    start_response("200 OK", [("X-Number", 1)])
+    return [b"x"]
