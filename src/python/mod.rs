@@ -207,7 +207,7 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
 fn content_length(params: &Params) -> Result<Option<u64>, ()> {
     match params.get(b"CONTENT_LENGTH").map(|v| v.trim_ascii()) {
         None => Ok(None),
-        Some(v) if v.is_empty() => Ok(None),
+        Some([]) => Ok(None),
         Some(v) => std::str::from_utf8(v)
             .ok()
             .and_then(|v| v.parse().ok())
