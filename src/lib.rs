@@ -7,6 +7,7 @@ pub mod exchange;
 pub mod gateway;
 pub mod iis;
 pub mod logging;
+pub mod properties;
 pub mod protocol;
 pub mod python;
 pub mod routing;
