@@ -186,8 +186,12 @@ pub fn encode_header(
 /// stream: only [`encode_end_of_stream`] writes that.
 pub fn encode_stream(buf: &mut BytesMut, record_type: RecordType, request_id: u16, data: &[u8]) {
     let records = data.len().div_ceil(MAX_CONTENT_LEN);
+    if records == 0 {
+        return;
+    }
     buf.reserve(data.len() + records * HEADER_LEN);
-    for chunk in data.chunks(MAX_CONTENT_LEN) {
+    // Records of near-equal size: a 64 KiB chunk becomes two 32 KiB records, not 65535 + 1.
+    for chunk in data.chunks(data.len().div_ceil(records)) {
         put_record(buf, record_type as u8, request_id, chunk);
     }
 }
@@ -635,6 +639,8 @@ mod tests {
                     panic!("unexpected {record:?}");
                 };
                 assert!(!content.is_empty() && content.len() <= MAX_CONTENT_LEN);
+                // Near-equal sizes: no tiny tail record.
+                assert!(content.len() >= len / records - 1, "{} of {len}", content.len());
                 joined.extend_from_slice(&content);
             }
             assert_eq!(joined, data);
