@@ -99,7 +99,13 @@ pub struct Connection<S> {
     shutdown: Shutdown,
     peer_closed: bool,
     close_after_request: bool,
+    /// After a shutdown started: until then an idle connection still takes the request a web
+    /// server may already have sent, so nothing in flight is cut off by the race.
+    linger_until: Option<tokio::time::Instant>,
 }
+
+/// How long an idle connection waits for a request already on its way when a shutdown starts.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Read this much at a time: a whole maximal record and its header fit.
 const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
@@ -117,6 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             shutdown,
             peer_closed: false,
             close_after_request: false,
+            linger_until: None,
         }
     }
 
@@ -157,7 +164,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 }
                 _ = self.shutdown.started(), if !self.close_after_request => {
                     self.close_after_request = true;
+                    if matches!(self.state, State::Idle) {
+                        self.linger_until = Some(tokio::time::Instant::now() + LINGER);
+                    }
                 }
+                _ = linger(self.linger_until) => self.linger_until = None,
             }
         }
     }
@@ -171,8 +182,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             State::Running(_) => false,
             // The peer closed with a request half-sent: nothing more can arrive.
             State::ReadingParams { .. } => self.peer_closed,
-            State::Idle => self.peer_closed || self.close_after_request,
+            State::Idle => self.peer_closed || (self.close_after_request && !self.lingering()),
         }
+    }
+
+    fn lingering(&self) -> bool {
+        self.linger_until.is_some()
     }
 
     /// Handles the records already read, stopping at a body record that has to wait for room.
@@ -256,10 +271,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
         }
         self.draining = None;
-        if self.close_after_request {
+        if self.close_after_request && !self.lingering() {
             // A shutdown started: requests already begun finish, new ones are turned away.
             return self.refuse(request_id, keep_conn, "the server is shutting down");
         }
+        self.linger_until = None;
         if role != Role::Responder {
             tracing::warn!(
                 request_id,
@@ -520,6 +536,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         write_all_vectored(&mut self.stream, &mut batch).await?;
         Ok(())
+    }
+}
+
+async fn linger(until: Option<tokio::time::Instant>) {
+    match until {
+        Some(until) => tokio::time::sleep_until(until).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -35,10 +35,33 @@ pub enum BodyEvent {
     End,
 }
 
+/// Where a request's body comes from: a connection task through a channel, or (under IIS) the
+/// socket itself, read by the application's thread.
+pub trait BodySource: Send + Sync {
+    /// Blocks the calling thread (never a tokio thread) until the next piece of the body;
+    /// `Ok(None)` at its end.
+    fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted>;
+}
+
+/// Where a request's response goes.
+pub trait OutputTarget: Send + Sync {
+    /// Queues a batch without blocking, or gives it back (`Full`) when that would block.
+    fn try_send(&self, output: Output) -> Result<(), TrySendError>;
+    /// Delivers a batch, waiting as long as needed. Never call it holding the GIL.
+    fn send_blocking(&self, output: Output) -> Result<(), ResponseGone>;
+    /// FCGI_ABORT_REQUEST arrived: the application should stop at its next chunk.
+    fn is_aborted(&self) -> bool;
+}
+
 /// The request body as the web server sends it.
-#[derive(Debug)]
 pub struct BodyStream {
-    receiver: mpsc::Receiver<BodyEvent>,
+    source: Box<dyn BodySource>,
+}
+
+impl std::fmt::Debug for BodyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BodyStream")
+    }
 }
 
 /// The body cannot be completed: the web server aborted the request or went away.
@@ -46,10 +69,23 @@ pub struct BodyStream {
 pub struct BodyInterrupted;
 
 impl BodyStream {
+    pub fn new(source: Box<dyn BodySource>) -> Self {
+        BodyStream { source }
+    }
+
     /// Blocks the calling thread (never a tokio thread) until the next piece of the body;
     /// `Ok(None)` at its end.
     pub fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted> {
-        match self.receiver.blocking_recv() {
+        self.source.next_blocking()
+    }
+}
+
+/// The body as a connection task feeds it.
+struct ChannelBody(mpsc::Receiver<BodyEvent>);
+
+impl BodySource for ChannelBody {
+    fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted> {
+        match self.0.blocking_recv() {
             Some(BodyEvent::Data(data)) => Ok(Some(data)),
             Some(BodyEvent::End) => Ok(None),
             None => Err(BodyInterrupted),
@@ -70,36 +106,64 @@ pub enum Output {
 pub struct ResponseGone;
 
 /// Where the worker sends the response of one request, already encoded as FastCGI records.
-#[derive(Debug)]
 pub struct ResponseSink {
     request_id: u16,
-    sender: mpsc::Sender<Output>,
-    aborted: Arc<AtomicBool>,
+    target: Box<dyn OutputTarget>,
+}
+
+impl std::fmt::Debug for ResponseSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ResponseSink({})", self.request_id)
+    }
 }
 
 impl ResponseSink {
+    pub fn new(request_id: u16, target: Box<dyn OutputTarget>) -> Self {
+        ResponseSink { request_id, target }
+    }
+
     pub fn request_id(&self) -> u16 {
         self.request_id
     }
 
     /// FCGI_ABORT_REQUEST arrived: the application should stop at its next chunk.
     pub fn is_aborted(&self) -> bool {
-        self.aborted.load(Ordering::Acquire)
+        self.target.is_aborted()
     }
 
-    /// Queues a batch without blocking; gives it back when the queue is full so the caller can
+    /// Queues a batch without blocking; gives it back when that would block, so the caller can
     /// release the GIL before it waits in [`ResponseSink::send_blocking`]. Batches of an aborted
     /// request are dropped by the connection, which still needs the final [`Output::End`].
     pub fn try_send(&self, output: Output) -> Result<(), TrySendError> {
+        self.target.try_send(output)
+    }
+
+    /// Waits until the batch is delivered. Never call it from a tokio thread, nor holding the GIL.
+    pub fn send_blocking(&self, output: Output) -> Result<(), ResponseGone> {
+        self.target.send_blocking(output)
+    }
+}
+
+/// The response as a connection task writes it.
+struct ChannelOutput {
+    sender: mpsc::Sender<Output>,
+    aborted: Arc<AtomicBool>,
+}
+
+impl OutputTarget for ChannelOutput {
+    fn try_send(&self, output: Output) -> Result<(), TrySendError> {
         self.sender.try_send(output).map_err(|e| match e {
             mpsc::error::TrySendError::Full(output) => TrySendError::Full(output),
             mpsc::error::TrySendError::Closed(_) => TrySendError::Gone,
         })
     }
 
-    /// Waits for room in the queue. Never call it from a tokio thread, nor holding the GIL.
-    pub fn send_blocking(&self, output: Output) -> Result<(), ResponseGone> {
+    fn send_blocking(&self, output: Output) -> Result<(), ResponseGone> {
         self.sender.blocking_send(output).map_err(|_| ResponseGone)
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
     }
 }
 
@@ -133,12 +197,14 @@ pub fn job(request_id: u16, params: Params) -> (Job, JobHandles, mpsc::Sender<Bo
     let aborted = Arc::new(AtomicBool::new(false));
     let job = Job {
         params,
-        body: BodyStream { receiver: body_rx },
-        response: ResponseSink {
+        body: BodyStream::new(Box::new(ChannelBody(body_rx))),
+        response: ResponseSink::new(
             request_id,
-            sender: output_tx,
-            aborted: aborted.clone(),
-        },
+            Box::new(ChannelOutput {
+                sender: output_tx,
+                aborted: aborted.clone(),
+            }),
+        ),
     };
     let handles = JobHandles {
         output: output_rx,

@@ -138,6 +138,12 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         (None, true) => None,
     };
 
+    let (trigger, _) = shutdown::channel();
+    let transport = match transport {
+        #[cfg(unix)]
+        Transport::Stream(socket) => return serve_direct(socket, eager_site, &options, trigger),
+        other => other,
+    };
     // Under IIS, IIS owns connection lifetimes: no idle timeout.
     let (queue_length, allowed_peers, idle_timeout) = match eager_site.as_ref().map(|s| &s.config) {
         Some(Ok(config)) if !iis_stream => (
@@ -162,7 +168,6 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         allowed_peers,
         idle_timeout,
     });
-    let (trigger, _) = shutdown::channel();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(if iis_stream { 1 } else { 2 })
         .enable_all()
@@ -174,46 +179,102 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         .spawn(move || runtime.block_on(crate::server::run(transport, context, server_trigger)))
         .context("cannot start the I/O thread")?;
 
+    let mut next = || job_receiver.recv().ok();
     let (site, first_job) = match eager_site {
         Some(site) => (Some(site), None),
-        None => match job_receiver.recv() {
-            Ok(job) => (Some(Site::lazy(&job, &options)), Some(job)),
-            Err(_) => (None, None), // the web server left before sending a request
-        },
+        // The web server may leave before sending a request.
+        None => next()
+            .map(|job| (Some(Site::lazy(&job, &options)), Some(job)))
+            .unwrap_or_default(),
     };
     if let Some(site) = site {
-        if !options.supervised {
-            watcher::spawn(site.watch_settings(), trigger.clone());
-        }
-        let threads = match &site.config {
-            Ok(config) => {
-                shutdown::set_grace(config.restart_grace().unwrap_or_else(|e| {
-                    tracing::error!("{e:#}; using 30 s");
-                    DEFAULT_GRACE
-                }));
-                threads(config, iis_stream)
-            }
-            Err(_) => 1,
-        };
-        let mut first_job = first_job;
-        if let Some(notice) = &site.notice {
-            if let Some(job) = first_job.take().or_else(|| job_receiver.recv().ok()) {
-                exchange::respond_notice(job, notice);
-            }
-        }
-        let deployment = Deployment {
-            multithread: threads > 1,
-            multiprocess: options.multiprocess,
-        };
-        let state = load(site.config, deployment);
-        #[cfg(unix)]
-        crate::supervisor::report_ready();
+        let threads = site
+            .config
+            .as_ref()
+            .map_or(1, |config| threads(config, iis_stream));
+        let (state, first_job) =
+            start_site(site, first_job, &mut next, &options, &trigger, threads);
         run_workers(&state, threads, first_job, &job_receiver);
     }
     let listener = server.join().unwrap_or_else(|_| {
         tracing::error!("the I/O thread panicked");
         None
     });
+    finish(listener)
+}
+
+/// Under IIS (fd 0 a connected stream): requests are read and answered by the application's
+/// own thread (`direct.rs`); a small runtime thread only watches signals and the grace period.
+#[cfg(unix)]
+fn serve_direct(
+    socket: socket2::Socket,
+    eager_site: Option<Site>,
+    options: &Options,
+    trigger: shutdown::Trigger,
+) -> Result<()> {
+    let guard_trigger = trigger.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    std::thread::Builder::new()
+        .name("wfastcgi-signals".into())
+        .spawn(move || runtime.block_on(crate::server::guard_process(guard_trigger)))
+        .context("cannot start the signal thread")?;
+    let mut driver =
+        crate::direct::Driver::new(socket, trigger.subscribe()).context("cannot use fd 0")?;
+    let mut next = || driver.next_job();
+    let (site, first_job) = match eager_site {
+        Some(site) => (Some(site), None),
+        None => next()
+            .map(|job| (Some(Site::lazy(&job, options)), Some(job)))
+            .unwrap_or_default(),
+    };
+    if let Some(site) = site {
+        let (state, first_job) = start_site(site, first_job, &mut next, options, &trigger, 1);
+        work(&state, first_job, &mut next);
+    }
+    trigger.fire(shutdown::Reason::EndOfStream);
+    finish(None)
+}
+
+/// Watches the site, sets the grace period, reports a log problem to the first request, and
+/// loads the application. Returns it with the first job still to serve.
+fn start_site(
+    site: Site,
+    mut first_job: Option<Job>,
+    next: &mut dyn FnMut() -> Option<Job>,
+    options: &Options,
+    trigger: &shutdown::Trigger,
+    threads: usize,
+) -> (AppState, Option<Job>) {
+    if !options.supervised {
+        watcher::spawn(site.watch_settings(), trigger.clone());
+    }
+    if let Ok(config) = &site.config {
+        shutdown::set_grace(config.restart_grace().unwrap_or_else(|e| {
+            tracing::error!("{e:#}; using 30 s");
+            DEFAULT_GRACE
+        }));
+    }
+    if let Some(notice) = &site.notice {
+        if let Some(job) = first_job.take().or_else(&mut *next) {
+            exchange::respond_notice(job, notice);
+        }
+    }
+    let deployment = Deployment {
+        multithread: threads > 1,
+        multiprocess: options.multiprocess,
+    };
+    let state = load(site.config, deployment);
+    #[cfg(unix)]
+    crate::supervisor::report_ready();
+    (state, first_job)
+}
+
+/// Finalises Python, then exits, or (a restart in a listening mode) re-executes in place.
+fn finish(listener: Option<socket2::Socket>) -> Result<()> {
+    shutdown::serving_done();
     python::interpreter::finalize(shutdown::grace());
     match listener {
         #[cfg(unix)]
@@ -330,20 +391,21 @@ fn run_workers(
         for n in 1..threads {
             let spawned = std::thread::Builder::new()
                 .name(format!("wfastcgi-worker-{n}"))
-                .spawn_scoped(scope, move || work(state, None, jobs));
+                .spawn_scoped(scope, move || work(state, None, &mut || jobs.recv().ok()));
             if let Err(e) = spawned {
                 tracing::error!("cannot start worker thread {n}: {e}");
             }
         }
-        work(state, first_job, jobs);
+        work(state, first_job, &mut || jobs.recv().ok());
     });
 }
 
-fn work(state: &AppState, first: Option<Job>, jobs: &crossbeam_channel::Receiver<Job>) {
+/// Serves jobs from `next` until it has no more.
+fn work(state: &AppState, first: Option<Job>, next: &mut (dyn FnMut() -> Option<Job> + Send)) {
     match state {
-        AppState::Ready(app) => python::serve_jobs(app, first, jobs),
+        AppState::Ready(app) => python::serve_jobs(app, first, next),
         AppState::Unavailable { message, detail } => {
-            for job in first.into_iter().chain(jobs.iter()) {
+            for job in first.into_iter().chain(std::iter::from_fn(next)) {
                 python::respond_unavailable(job, message, *detail);
             }
         }

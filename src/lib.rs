@@ -3,6 +3,8 @@
 pub mod check;
 pub mod config;
 pub mod connection;
+#[cfg(unix)]
+mod direct;
 pub mod exchange;
 pub mod gateway;
 pub mod iis;

@@ -197,11 +197,21 @@ pub async fn run(
     }
 }
 
+/// Signals and the grace period, for a process whose requests are served without this
+/// runtime (the IIS stream, `direct.rs`).
+pub async fn guard_process(trigger: Trigger) {
+    tokio::spawn(watch_signals(trigger.clone()));
+    enforce_grace(trigger.subscribe()).await;
+}
+
 /// Requests still running `WSGI_RESTART_GRACE` after the shutdown started are given up on.
 async fn enforce_grace(mut shutdown: Shutdown) {
     shutdown.started().await;
     let grace = crate::shutdown::grace();
     tokio::time::sleep(grace).await;
+    if crate::shutdown::is_serving_done() {
+        return;
+    }
     tracing::warn!(
         "requests still running {grace:?} after the shutdown started; exiting without them"
     );

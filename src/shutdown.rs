@@ -3,7 +3,7 @@
 //! A restart (file change), SIGTERM/SIGINT, or the end of the IIS stream all end the same way:
 //! stop taking requests, let the ones in flight finish, exit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -18,6 +18,18 @@ pub fn set_grace(grace: Duration) {
 
 pub fn grace() -> Duration {
     Duration::from_secs(GRACE_SECONDS.load(Ordering::Relaxed))
+}
+
+/// Set once no request is served any more: the grace timer stops applying, and Python's own
+/// finalisation (which has its own limit) must not be cut short.
+static SERVING_DONE: AtomicBool = AtomicBool::new(false);
+
+pub fn serving_done() {
+    SERVING_DONE.store(true, Ordering::Release);
+}
+
+pub fn is_serving_done() -> bool {
+    SERVING_DONE.load(Ordering::Acquire)
 }
 
 /// Why the process is going away; logged once.

@@ -35,8 +35,17 @@ impl Django {
         Django { gateway, log }
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path().join("wfastcgi.log")).unwrap_or_default()
+    /// The log once it holds `needle` (it is written by a background thread), or after 20 s.
+    fn log_with(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let log =
+                std::fs::read_to_string(self.log.path().join("wfastcgi.log")).unwrap_or_default();
+            if log.contains(needle) || std::time::Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
@@ -61,7 +70,13 @@ fn pages_forms_uploads_json_streams_and_errors() {
     let mut client = django.gateway.client();
 
     let page = client.get(1, &params("GET", "/"));
-    assert_eq!(page.status, 200, "{}\n{}", page.stderr_text(), django.log());
+    assert_eq!(
+        page.status,
+        200,
+        "{}\n{}",
+        page.stderr_text(),
+        django.log_with("loaded")
+    );
     assert!(page.text().contains("wfastcgi Django example"));
 
     // A form with CSRF protection: the token from the page and the cookie must match.
@@ -135,7 +150,7 @@ fn pages_forms_uploads_json_streams_and_errors() {
     assert_eq!(boom.status, 500);
     assert!(boom.text().contains("Server error (500)"));
     assert!(boom.stderr.is_empty());
-    let log = django.log();
+    let log = django.log_with("boom: deliberate error");
     assert!(
         log.contains("boom: deliberate error"),
         "Django's error log reaches ours:\n{log}"

@@ -640,7 +640,11 @@ mod tests {
                 };
                 assert!(!content.is_empty() && content.len() <= MAX_CONTENT_LEN);
                 // Near-equal sizes: no tiny tail record.
-                assert!(content.len() >= len / records - 1, "{} of {len}", content.len());
+                assert!(
+                    content.len() >= len / records - 1,
+                    "{} of {len}",
+                    content.len()
+                );
                 joined.extend_from_slice(&content);
             }
             assert_eq!(joined, data);

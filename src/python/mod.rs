@@ -15,7 +15,6 @@ mod streams;
 use std::ffi::c_char;
 
 use bytes::Bytes;
-use crossbeam_channel::Receiver;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use pyo3::{ffi, intern};
@@ -139,14 +138,15 @@ fn base_environ(py: Python<'_>, deployment: Deployment) -> PyResult<Bound<'_, Py
     Ok(environ)
 }
 
-/// Serves jobs on this thread until the queue closes. `first` is a job taken off the queue
-/// before the application was loaded (IIS mode learns the app folder from it).
-pub fn serve_jobs(app: &App, first: Option<Job>, jobs: &Receiver<Job>) {
+/// Serves jobs on this thread until `next` has no more. `first` is a job taken before the
+/// application was loaded (under IIS the app folder comes from it). `next` waits for a job (or
+/// reads one from the IIS stream) with the GIL released.
+pub fn serve_jobs(app: &App, first: Option<Job>, next: &mut (dyn FnMut() -> Option<Job> + Send)) {
     Python::attach(|py| {
         if let Some(job) = first {
             handle(py, app, job);
         }
-        while let Ok(job) = py.detach(|| jobs.recv()) {
+        while let Some(job) = py.detach(&mut *next) {
             handle(py, app, job);
         }
     });
@@ -165,7 +165,7 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
                 "{}: non-numeric CONTENT_LENGTH refused with 400",
                 describe(&params)
             );
-            return refuse(response, "400 Bad Request");
+            return refuse(py, response, "400 Bad Request");
         }
     };
     if let (Some(length), Some(max)) = (content_length, app.max_body) {
@@ -174,7 +174,7 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
                 "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
                 describe(&params)
             );
-            return refuse(response, "413 Content Too Large");
+            return refuse(py, response, "413 Content Too Large");
         }
     }
     let responder = match Bound::new(py, StartResponse::new(response)) {
@@ -217,12 +217,11 @@ fn content_length(params: &Params) -> Result<Option<u64>, ()> {
 }
 
 /// Answers a request the application never sees.
-fn refuse(response: crate::exchange::ResponseSink, status: &str) {
+fn refuse(py: Python<'_>, response: crate::exchange::ResponseSink, status: &str) {
     let mut encoder = ResponseEncoder::new(response.request_id());
     let reason = status.split_once(' ').map_or(status, |(_, reason)| reason);
     crate::exchange::simple_response(&mut encoder, status, &[], format!("{reason}\n").as_bytes());
-    // A new job's output channel is empty: this cannot wait.
-    let _ = response.try_send(Output::End(encoder.finish(0)));
+    let _ = py.detach(|| response.send_blocking(Output::End(encoder.finish(0))));
 }
 
 /// `GET /path` for log lines, with control characters escaped so a request cannot forge lines.

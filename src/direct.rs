@@ -1,0 +1,502 @@
+//! The IIS fast path: one connection on fd 0, one request at a time (IIS never sends another
+//! before END_REQUEST), served by the application's own thread with blocking I/O. No thread hop
+//! lies between the socket and the application: the thread that runs Python reads the records,
+//! feeds `wsgi.input` straight from the socket, and writes the response itself (a small
+//! response in one write).
+//!
+//! It speaks the same protocol as `connection.rs` with the same pure codec; only the I/O model
+//! differs. Waiting for a request polls every 200 ms so a shutdown (signal, restart) is noticed.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use socket2::Socket;
+
+use crate::exchange::{
+    BodyInterrupted, BodySource, BodyStream, Job, Output, OutputTarget, ResponseGone, ResponseSink,
+    TrySendError,
+};
+use crate::protocol::{
+    self, ParamLimits, ParamsBuilder, ProtocolError, ProtocolStatus, Record, RecordDecoder, Role,
+};
+use crate::shutdown::Shutdown;
+
+/// How often a wait for the next request looks at the shutdown flag.
+const POLL_MS: i32 = 200;
+const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
+
+/// The socket, and what was read from it but not yet used.
+struct Wire {
+    socket: Socket,
+    buf: BytesMut,
+    /// Records read while looking for an abort during a response; used before `buf`.
+    pending: VecDeque<Record>,
+}
+
+enum Filled {
+    Data,
+    End,
+    TimedOut,
+}
+
+impl Wire {
+    /// The next record, or `None` at the end of the stream, or when `stop` says so while
+    /// nothing is arriving.
+    fn next_record(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<Record>, WireError> {
+        if let Some(record) = self.pending.pop_front() {
+            return Ok(Some(record));
+        }
+        loop {
+            if let Some(record) = RecordDecoder.decode(&mut self.buf)? {
+                return Ok(Some(record));
+            }
+            if stop() {
+                return Ok(None);
+            }
+            match self.fill(POLL_MS)? {
+                Filled::Data | Filled::TimedOut => {}
+                Filled::End => {
+                    RecordDecoder.finish(&self.buf)?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Reads what is there, waiting up to `timeout_ms` (-1: forever) for something to arrive.
+    fn fill(&mut self, timeout_ms: i32) -> io::Result<Filled> {
+        self.buf.reserve(READ_CHUNK);
+        loop {
+            let spare = self.buf.spare_capacity_mut();
+            // SAFETY: read(2) writes at most `spare.len()` bytes into the uninitialised spare
+            // capacity, and only the bytes it reports are marked as initialised below.
+            let read = unsafe {
+                libc::read(
+                    self.socket.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    spare.len(),
+                )
+            };
+            match read {
+                0 => return Ok(Filled::End),
+                n if n > 0 => {
+                    // SAFETY: the kernel initialised these `n` bytes.
+                    unsafe { self.buf.set_len(self.buf.len() + n as usize) };
+                    return Ok(Filled::Data);
+                }
+                _ => {
+                    let error = io::Error::last_os_error();
+                    match error.kind() {
+                        io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock => {
+                            if !self.wait(libc::POLLIN, timeout_ms)? {
+                                return Ok(Filled::TimedOut);
+                            }
+                        }
+                        io::ErrorKind::ConnectionReset => return Ok(Filled::End),
+                        _ => return Err(error),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the socket to be ready for `events`; false on time-out.
+    fn wait(&self, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
+        let mut poll = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd.
+            match unsafe { libc::poll(&mut poll, 1, timeout_ms) } {
+                0 => return Ok(false),
+                n if n > 0 => return Ok(true),
+                _ => {
+                    let error = io::Error::last_os_error();
+                    if error.kind() != io::ErrorKind::Interrupted {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match (&self.socket).write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.wait(libc::POLLOUT, -1)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether request `id` was aborted (or the web server left) since the last look, reading
+    /// only what has already arrived. Other records are kept for later, in order, up to
+    /// `PENDING_LIMIT` of them: a body nobody reads does not pile up in memory, it waits in the
+    /// socket (and an abort behind it is seen once the body is drained).
+    fn aborted_since(&mut self, id: u16) -> bool {
+        const PENDING_LIMIT: usize = 8;
+        let mut aborted = false;
+        while self.pending.len() < PENDING_LIMIT {
+            match RecordDecoder.decode(&mut self.buf) {
+                Ok(Some(Record::AbortRequest { request_id })) if request_id == id => aborted = true,
+                Ok(Some(Record::BeginRequest { request_id, .. })) if request_id != id => {
+                    tracing::warn!(
+                        request_id,
+                        "second request on a busy connection: FCGI_CANT_MPX_CONN"
+                    );
+                    if self
+                        .end_request(request_id, ProtocolStatus::CantMpxConn)
+                        .is_err()
+                    {
+                        return true;
+                    }
+                }
+                Ok(Some(other @ (Record::GetValues { .. } | Record::Unknown { .. }))) => {
+                    if self
+                        .answer_management(&other, &ParamLimits::default())
+                        .is_err()
+                    {
+                        return true;
+                    }
+                }
+                Ok(Some(other)) => self.pending.push_back(other),
+                Ok(None) => match self.fill(0) {
+                    Ok(Filled::Data) => {}
+                    Ok(Filled::TimedOut) => break,
+                    Ok(Filled::End) | Err(_) => return true,
+                },
+                Err(_) => return true,
+            }
+        }
+        aborted
+    }
+
+    /// Answers the management records a web server may send at any time; false for others.
+    fn answer_management(&mut self, record: &Record, limits: &ParamLimits) -> io::Result<bool> {
+        let mut reply = BytesMut::new();
+        match record {
+            Record::GetValues { content } => {
+                let asked = protocol::decode_name_values(content, limits).unwrap_or_default();
+                let known: [(&[u8], &[u8]); 3] = [
+                    (b"FCGI_MAX_CONNS", b"1"),
+                    (b"FCGI_MAX_REQS", b"1"),
+                    (b"FCGI_MPXS_CONNS", b"0"),
+                ];
+                let answer: Vec<(&[u8], &[u8])> = known
+                    .into_iter()
+                    .filter(|(name, _)| asked.get(name).is_some())
+                    .collect();
+                protocol::encode_get_values_result(&mut reply, &answer);
+            }
+            Record::Unknown { record_type, .. } => {
+                tracing::warn!(
+                    record_type,
+                    "unknown FastCGI record type; answered FCGI_UNKNOWN_TYPE"
+                );
+                protocol::encode_unknown_type(&mut reply, *record_type);
+            }
+            _ => return Ok(false),
+        }
+        self.write_all(&reply)?;
+        Ok(true)
+    }
+
+    fn end_request(&mut self, request_id: u16, status: ProtocolStatus) -> io::Result<()> {
+        let mut reply = BytesMut::new();
+        protocol::encode_end_request(&mut reply, request_id, 0, status);
+        self.write_all(&reply)
+    }
+}
+
+#[derive(Debug)]
+enum WireError {
+    Io(io::Error),
+    Protocol(ProtocolError),
+}
+
+impl From<io::Error> for WireError {
+    fn from(e: io::Error) -> Self {
+        WireError::Io(e)
+    }
+}
+
+impl From<ProtocolError> for WireError {
+    fn from(e: ProtocolError) -> Self {
+        WireError::Protocol(e)
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WireError::Io(e) => write!(f, "I/O error: {e}"),
+            WireError::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+fn lock(wire: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
+    wire.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Reads requests from the IIS stream.
+pub struct Driver {
+    wire: Arc<Mutex<Wire>>,
+    shutdown: Shutdown,
+    limits: ParamLimits,
+    /// The last request did not set FCGI_KEEP_CONN.
+    close: bool,
+}
+
+impl Driver {
+    pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
+        socket.set_nonblocking(true)?;
+        Ok(Driver {
+            wire: Arc::new(Mutex::new(Wire {
+                socket,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                pending: VecDeque::new(),
+            })),
+            shutdown,
+            limits: ParamLimits::default(),
+            close: false,
+        })
+    }
+
+    /// The next request, once its parameters are complete; `None` when the stream ends, a
+    /// shutdown has started, or the stream breaks the protocol (logged).
+    pub fn next_job(&mut self) -> Option<Job> {
+        if self.close {
+            return None;
+        }
+        let mut wire = lock(&self.wire);
+        let shutdown = &self.shutdown;
+        let stop = || shutdown.reason().is_some();
+        let mut request: Option<(u16, bool, ParamsBuilder)> = None;
+        loop {
+            let record = match wire.next_record(&stop) {
+                Ok(Some(record)) => record,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!("connection closed: {e}");
+                    return None;
+                }
+            };
+            let answered = match record {
+                Record::BeginRequest {
+                    request_id,
+                    role,
+                    keep_conn,
+                } => match &request {
+                    Some((id, ..)) if *id == request_id => {
+                        tracing::warn!(
+                            request_id,
+                            "duplicate FCGI_BEGIN_REQUEST for a running request ignored"
+                        );
+                        Ok(())
+                    }
+                    Some(_) => {
+                        tracing::warn!(
+                            request_id,
+                            "second request on a busy connection: FCGI_CANT_MPX_CONN"
+                        );
+                        wire.end_request(request_id, ProtocolStatus::CantMpxConn)
+                    }
+                    None if role != Role::Responder => {
+                        tracing::warn!(
+                            request_id,
+                            ?role,
+                            "only the RESPONDER role is served: FCGI_UNKNOWN_ROLE"
+                        );
+                        wire.end_request(request_id, ProtocolStatus::UnknownRole)
+                    }
+                    None => {
+                        request = Some((request_id, keep_conn, ParamsBuilder::new(self.limits)));
+                        Ok(())
+                    }
+                },
+                Record::Params {
+                    request_id,
+                    content,
+                } => match &mut request {
+                    Some((id, _, params)) if *id == request_id && !content.is_empty() => {
+                        if let Err(e) = params.push(content) {
+                            tracing::warn!("connection closed: protocol error: {e}");
+                            return None;
+                        }
+                        Ok(())
+                    }
+                    Some((id, ..)) if *id == request_id => {
+                        let (request_id, keep_conn, params) = request.take()?;
+                        let params = match params.finish() {
+                            Ok(params) => params,
+                            Err(e) => {
+                                tracing::warn!("connection closed: protocol error: {e}");
+                                return None;
+                            }
+                        };
+                        self.close = !keep_conn;
+                        drop(wire);
+                        return Some(self.job(request_id, params));
+                    }
+                    _ => Ok(()),
+                },
+                Record::AbortRequest { request_id } => match &request {
+                    Some((id, ..)) if *id == request_id => {
+                        tracing::info!(
+                            request_id,
+                            "request aborted by the web server before it started"
+                        );
+                        request = None;
+                        wire.end_request(request_id, ProtocolStatus::RequestComplete)
+                    }
+                    _ => Ok(()),
+                },
+                // The rest of a body nobody read, and strays, are dropped here.
+                Record::Stdin { .. } | Record::Data { .. } => Ok(()),
+                other => match wire.answer_management(&other, &self.limits) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        tracing::warn!("ignoring a record only an application may send");
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = answered {
+                tracing::warn!("connection closed: {e}");
+                return None;
+            }
+        }
+    }
+
+    fn job(&self, request_id: u16, params: protocol::Params) -> Job {
+        let aborted = Arc::new(AtomicBool::new(false));
+        Job {
+            params,
+            body: BodyStream::new(Box::new(DirectBody {
+                wire: self.wire.clone(),
+                request_id,
+                aborted: aborted.clone(),
+                limits: self.limits,
+                done: false,
+            })),
+            response: ResponseSink::new(
+                request_id,
+                Box::new(DirectOutput {
+                    wire: self.wire.clone(),
+                    request_id,
+                    aborted,
+                }),
+            ),
+        }
+    }
+}
+
+/// `wsgi.input` read straight from the socket.
+struct DirectBody {
+    wire: Arc<Mutex<Wire>>,
+    request_id: u16,
+    aborted: Arc<AtomicBool>,
+    limits: ParamLimits,
+    done: bool,
+}
+
+impl BodySource for DirectBody {
+    fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut wire = lock(&self.wire);
+        loop {
+            match wire.next_record(&|| false) {
+                Ok(Some(Record::Stdin {
+                    request_id,
+                    content,
+                })) if request_id == self.request_id => {
+                    if content.is_empty() {
+                        self.done = true;
+                        return Ok(None);
+                    }
+                    return Ok(Some(content));
+                }
+                Ok(Some(Record::AbortRequest { request_id })) if request_id == self.request_id => {
+                    tracing::info!(request_id, "request aborted by the web server");
+                    self.aborted.store(true, Ordering::Release);
+                    return Err(BodyInterrupted);
+                }
+                Ok(Some(Record::BeginRequest { request_id, .. })) => {
+                    tracing::warn!(
+                        request_id,
+                        "second request on a busy connection: FCGI_CANT_MPX_CONN"
+                    );
+                    if wire
+                        .end_request(request_id, ProtocolStatus::CantMpxConn)
+                        .is_err()
+                    {
+                        return Err(BodyInterrupted);
+                    }
+                }
+                Ok(Some(other)) => {
+                    if wire.answer_management(&other, &self.limits).is_err() {
+                        return Err(BodyInterrupted);
+                    }
+                }
+                Ok(None) | Err(_) => return Err(BodyInterrupted),
+            }
+        }
+    }
+}
+
+/// The response, written straight to the socket.
+struct DirectOutput {
+    wire: Arc<Mutex<Wire>>,
+    request_id: u16,
+    aborted: Arc<AtomicBool>,
+}
+
+impl OutputTarget for DirectOutput {
+    /// Writing may block on a slow web server, so the caller first releases the GIL and then
+    /// calls `send_blocking`.
+    fn try_send(&self, output: Output) -> Result<(), TrySendError> {
+        Err(TrySendError::Full(output))
+    }
+
+    fn send_blocking(&self, output: Output) -> Result<(), ResponseGone> {
+        let mut wire = lock(&self.wire);
+        match output {
+            Output::Records(records) => {
+                if self.is_aborted() || wire.aborted_since(self.request_id) {
+                    self.aborted.store(true, Ordering::Release);
+                    tracing::info!(
+                        request_id = self.request_id,
+                        "request aborted by the web server"
+                    );
+                    return Err(ResponseGone);
+                }
+                wire.write_all(&records).map_err(|_| ResponseGone)
+            }
+            Output::End(_) if self.is_aborted() => wire
+                .end_request(self.request_id, ProtocolStatus::RequestComplete)
+                .map_err(|_| ResponseGone),
+            Output::End(records) => wire.write_all(&records).map_err(|_| ResponseGone),
+        }
+    }
+
+    fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+}
