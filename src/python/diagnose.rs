@@ -86,44 +86,46 @@ pub fn diagnose(config: &AppConfig) -> Result<Diagnosis, String> {
 fn hints(py: Python<'_>, config: &AppConfig, name: &str, error: &PyErr) -> Vec<String> {
     let mut hints = Vec::new();
     let dotted = name.split(':').next().unwrap_or(name);
-    let parts: Vec<&str> = dotted
-        .split('.')
-        .take_while(|p| !p.ends_with("()"))
-        .collect();
-    let importable = (1..=parts.len())
-        .rev()
-        .map(|n| parts[..n].join("."))
-        .find(|prefix| py.import(prefix.as_str()).is_ok());
-    match importable {
-        Some(prefix) if prefix != dotted => hints.push(format!(
-            "the nearest part that imports is {prefix:?}; the rest of {name:?} is not found in it"
-        )),
-        Some(_) => {}
-        None => hints.push(format!(
-            "no part of {name:?} imports: is the app folder ({}) or PYTHONPATH right?",
-            config.app_dir.display()
-        )),
-    }
-    let not_found = std::iter::successors(Some(error.clone_ref(py)), |e| e.cause(py))
-        .find(|e| e.is_instance_of::<PyModuleNotFoundError>(py));
-    if let Some(not_found) = not_found {
-        let missing: Option<String> = not_found
-            .value(py)
-            .getattr("name")
-            .and_then(|n| n.extract())
-            .ok()
-            .flatten();
-        if let Some(missing) = missing {
-            let top = missing.split('.').next().unwrap_or(&missing).to_owned();
-            match find_module(&config.app_dir, &top) {
+    let missing: Option<String> = std::iter::successors(Some(error.clone_ref(py)), |e| e.cause(py))
+        .find(|e| e.is_instance_of::<PyModuleNotFoundError>(py))
+        .and_then(|e| e.value(py).getattr("name").ok()?.extract().ok()?);
+    let missing_top = missing
+        .as_deref()
+        .map(|m| m.split('.').next().unwrap_or(m).to_owned());
+    match &missing_top {
+        // A module the handler itself names is not found.
+        Some(top) if dotted == top || dotted.starts_with(&format!("{top}.")) => {
+            match find_module(&config.app_dir, top) {
                 Some(dir) => hints.push(format!(
                     "module {top:?} is in {}, which is not on sys.path: add that folder to PYTHONPATH in web.config",
                     dir.display()
                 )),
-                None if !dotted.starts_with(&top) => hints.push(format!(
-                    "module {top:?} is not installed in this interpreter: install it into the virtualenv (WSGI_VENV)"
+                None => hints.push(format!(
+                    "no part of {name:?} imports: is the app folder ({}) or PYTHONPATH right?",
+                    config.app_dir.display()
                 )),
-                None => {}
+            }
+        }
+        // The handler's module imports something that is not found.
+        Some(top) => match find_module(&config.app_dir, top) {
+            Some(dir) => hints.push(format!(
+                "module {top:?} is in {}, which is not on sys.path: add that folder to PYTHONPATH in web.config",
+                dir.display()
+            )),
+            None => hints.push(format!(
+                "module {top:?} is not installed in this interpreter: install it into the virtualenv (WSGI_VENV)"
+            )),
+        },
+        None => {
+            let parts: Vec<&str> = dotted.split('.').take_while(|p| !p.ends_with("()")).collect();
+            let importable = (1..=parts.len())
+                .rev()
+                .map(|n| parts[..n].join("."))
+                .find(|prefix| py.import(prefix.as_str()).is_ok());
+            if let Some(prefix) = importable.filter(|prefix| prefix != dotted) {
+                hints.push(format!(
+                    "the nearest part that imports is {prefix:?}; the rest of {name:?} is not found in it"
+                ));
             }
         }
     }

@@ -9,8 +9,6 @@
 use pyo3::exceptions::{PyImportError, PyValueError};
 use pyo3::prelude::*;
 
-use super::format_exception;
-
 pub fn resolve<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
     let handler = if let Some((module, attributes)) = name.split_once(':') {
         let module = py.import(module.trim())?;
@@ -66,11 +64,12 @@ fn resolve_dotted<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny
     }
     let cause = inner_error.or(last_error);
     let detail = match &cause {
-        Some(e) => format!(": {}", format_exception(py, e)),
-        None => " (it names no module: expected module.attribute)".to_owned(),
+        Some(_) => "",
+        None => " (it names no module: expected module.attribute)",
     };
     let error = PyValueError::new_err(format!("\"{name}\" could not be imported{detail}"));
-    // Kept as __cause__, so a diagnosis can look at the import error itself.
+    // The import error is the __cause__: its traceback is printed above this one, and a
+    // diagnosis can look at it.
     error.set_cause(py, cause);
     Err(error)
 }

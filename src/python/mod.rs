@@ -251,7 +251,7 @@ impl App {
             {
                 continue;
             }
-            environ.set_item(latin1(py, name)?, latin1(py, value)?)?;
+            environ.set_item(param_name(py, name)?, latin1(py, value)?)?;
         }
         let route = routing::route(
             params,
@@ -303,6 +303,31 @@ impl App {
         environ.set_item(intern!(py, "wsgi.input"), input)?;
         Ok(environ)
     }
+}
+
+/// A parameter name as an interned `str`, from a per-thread cache: the same few dozen names
+/// come with every request, so each is built once (and interned strings make the
+/// application's `environ[...]` lookups cheaper). Bounded, so odd names cannot grow it.
+fn param_name<'py>(py: Python<'py>, name: &[u8]) -> PyResult<Bound<'py, PyString>> {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    const CACHED_NAMES: usize = 512;
+    thread_local! {
+        static NAMES: RefCell<HashMap<Box<[u8]>, Py<PyString>>> = RefCell::new(HashMap::new());
+    }
+    let Some(text) = std::str::from_utf8(name).ok().filter(|t| t.is_ascii()) else {
+        return latin1(py, name);
+    };
+    NAMES.with_borrow_mut(|names| {
+        if let Some(cached) = names.get(name) {
+            return Ok(cached.bind(py).clone());
+        }
+        let interned = PyString::intern(py, text);
+        if names.len() < CACHED_NAMES {
+            names.insert(name.into(), interned.clone().unbind());
+        }
+        Ok(interned)
+    })
 }
 
 /// Bytes as a `str` of the same code points (PEP 3333's "native strings").
