@@ -136,14 +136,7 @@ impl AppConfig {
     /// `WSGI_MAX_BODY`: the largest request body accepted, in bytes; larger ones are answered
     /// `413` before the application runs. Off by default.
     pub fn max_body(&self) -> Result<Option<u64>> {
-        match self.get_nonempty("WSGI_MAX_BODY") {
-            None => Ok(None),
-            Some(value) => value
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| invalid("WSGI_MAX_BODY", &value, "a number of bytes")),
-        }
+        self.parse_bytes("WSGI_MAX_BODY")
     }
 
     /// `WSGI_IDLE_TIMEOUT`: seconds a connection may wait between requests (listening modes);
@@ -186,14 +179,7 @@ impl AppConfig {
     /// `WSGI_INPUT_SPOOL=<bytes>`: receive bodies whole before the application runs, in memory
     /// up to that size, in a temporary file beyond, so `wsgi.input` can seek. Off by default.
     pub fn input_spool(&self) -> Result<Option<u64>> {
-        match self.get_nonempty("WSGI_INPUT_SPOOL") {
-            None => Ok(None),
-            Some(value) => value
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| invalid("WSGI_INPUT_SPOOL", &value, "a number of bytes")),
-        }
+        self.parse_bytes("WSGI_INPUT_SPOOL")
     }
 
     /// `WSGI_WATCHER_POLL=<seconds>`: poll instead of change notifications (network shares).
@@ -266,6 +252,18 @@ impl AppConfig {
     /// An explicit mount point to split off PATH_INFO.
     pub fn script_name(&self) -> Option<String> {
         self.get_nonempty("SCRIPT_NAME")
+    }
+
+    /// An optional size in bytes.
+    fn parse_bytes(&self, key: &str) -> Result<Option<u64>> {
+        self.get_nonempty(key)
+            .map(|value| {
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(key, &value, "a number of bytes"))
+            })
+            .transpose()
     }
 
     fn parse_number(&self, key: &str, default: u64) -> Result<u64> {

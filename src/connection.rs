@@ -440,18 +440,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     fn on_get_values(&mut self, content: &Bytes) -> Result<(), ProtocolError> {
         let asked = protocol::decode_name_values(content, &self.context.param_limits)?;
-        let max_conns = self.context.max_conns.to_string();
-        let max_reqs = self.context.max_reqs.to_string();
-        let known: [(&[u8], &[u8]); 3] = [
-            (b"FCGI_MAX_CONNS", max_conns.as_bytes()),
-            (b"FCGI_MAX_REQS", max_reqs.as_bytes()),
-            (b"FCGI_MPXS_CONNS", b"0"),
-        ];
-        let answer: Vec<(&[u8], &[u8])> = known
-            .into_iter()
-            .filter(|(name, _)| asked.get(name).is_some())
-            .collect();
-        protocol::encode_get_values_result(&mut self.replies, &answer);
+        encode_values_answer(
+            &mut self.replies,
+            &asked,
+            self.context.max_conns,
+            self.context.max_reqs,
+        );
         Ok(())
     }
 
@@ -484,18 +478,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
                 Some(Output::End(records)) => {
-                    if aborted {
-                        let mut end = BytesMut::new();
-                        protocol::encode_end_request(
-                            &mut end,
-                            request_id,
-                            0,
-                            ProtocolStatus::RequestComplete,
-                        );
-                        batch.push(end.freeze());
+                    batch.push(if aborted {
+                        end_request(request_id, 0)
                     } else {
-                        batch.push(records);
-                    }
+                        records
+                    });
                     ended = true;
                     break;
                 }
@@ -506,14 +493,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         request_id,
                         "worker ended the request without FCGI_END_REQUEST"
                     );
-                    let mut end = BytesMut::new();
-                    protocol::encode_end_request(
-                        &mut end,
-                        request_id,
-                        1,
-                        ProtocolStatus::RequestComplete,
-                    );
-                    batch.push(end.freeze());
+                    batch.push(end_request(request_id, 1));
                     ended = true;
                     break;
                 }
@@ -537,6 +517,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         write_all_vectored(&mut self.stream, &mut batch).await?;
         Ok(())
     }
+}
+
+/// FCGI_END_REQUEST, REQUEST_COMPLETE, on its own.
+fn end_request(request_id: u16, app_status: u32) -> Bytes {
+    let mut end = BytesMut::new();
+    protocol::encode_end_request(
+        &mut end,
+        request_id,
+        app_status,
+        ProtocolStatus::RequestComplete,
+    );
+    end.freeze()
+}
+
+/// FCGI_GET_VALUES_RESULT for the variables asked about that this gateway knows; it never
+/// multiplexes.
+pub(crate) fn encode_values_answer(
+    buf: &mut BytesMut,
+    asked: &protocol::Params,
+    max_conns: usize,
+    max_reqs: usize,
+) {
+    let (max_conns, max_reqs) = (max_conns.to_string(), max_reqs.to_string());
+    let known: [(&[u8], &[u8]); 3] = [
+        (b"FCGI_MAX_CONNS", max_conns.as_bytes()),
+        (b"FCGI_MAX_REQS", max_reqs.as_bytes()),
+        (b"FCGI_MPXS_CONNS", b"0"),
+    ];
+    let answer: Vec<(&[u8], &[u8])> = known
+        .into_iter()
+        .filter(|(name, _)| asked.get(name).is_some())
+        .collect();
+    protocol::encode_get_values_result(buf, &answer);
 }
 
 async fn linger(until: Option<tokio::time::Instant>) {

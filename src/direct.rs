@@ -16,12 +16,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use socket2::Socket;
 
+use crate::connection::{encode_values_answer, ConnectionError};
 use crate::exchange::{
     BodyInterrupted, BodySource, BodyStream, Job, Output, OutputTarget, ResponseGone, ResponseSink,
     TrySendError,
 };
 use crate::protocol::{
-    self, ParamLimits, ParamsBuilder, ProtocolError, ProtocolStatus, Record, RecordDecoder, Role,
+    self, ParamLimits, ParamsBuilder, ProtocolStatus, Record, RecordDecoder, Role,
 };
 use crate::shutdown::Shutdown;
 
@@ -46,7 +47,7 @@ enum Filled {
 impl Wire {
     /// The next record, or `None` at the end of the stream, or when `stop` says so while
     /// nothing is arriving.
-    fn next_record(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<Record>, WireError> {
+    fn next_record(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<Record>, ConnectionError> {
         if let Some(record) = self.pending.pop_front() {
             return Ok(Some(record));
         }
@@ -153,14 +154,7 @@ impl Wire {
             match RecordDecoder.decode(&mut self.buf) {
                 Ok(Some(Record::AbortRequest { request_id })) if request_id == id => aborted = true,
                 Ok(Some(Record::BeginRequest { request_id, .. })) if request_id != id => {
-                    tracing::warn!(
-                        request_id,
-                        "second request on a busy connection: FCGI_CANT_MPX_CONN"
-                    );
-                    if self
-                        .end_request(request_id, ProtocolStatus::CantMpxConn)
-                        .is_err()
-                    {
+                    if self.refuse_second(request_id).is_err() {
                         return true;
                     }
                 }
@@ -190,16 +184,7 @@ impl Wire {
         match record {
             Record::GetValues { content } => {
                 let asked = protocol::decode_name_values(content, limits).unwrap_or_default();
-                let known: [(&[u8], &[u8]); 3] = [
-                    (b"FCGI_MAX_CONNS", b"1"),
-                    (b"FCGI_MAX_REQS", b"1"),
-                    (b"FCGI_MPXS_CONNS", b"0"),
-                ];
-                let answer: Vec<(&[u8], &[u8])> = known
-                    .into_iter()
-                    .filter(|(name, _)| asked.get(name).is_some())
-                    .collect();
-                protocol::encode_get_values_result(&mut reply, &answer);
+                encode_values_answer(&mut reply, &asked, 1, 1);
             }
             Record::Unknown { record_type, .. } => {
                 tracing::warn!(
@@ -214,37 +199,19 @@ impl Wire {
         Ok(true)
     }
 
+    /// A BEGIN_REQUEST while a request runs: IIS never sends one; refuse it as the spec says.
+    fn refuse_second(&mut self, request_id: u16) -> io::Result<()> {
+        tracing::warn!(
+            request_id,
+            "second request on a busy connection: FCGI_CANT_MPX_CONN"
+        );
+        self.end_request(request_id, ProtocolStatus::CantMpxConn)
+    }
+
     fn end_request(&mut self, request_id: u16, status: ProtocolStatus) -> io::Result<()> {
         let mut reply = BytesMut::new();
         protocol::encode_end_request(&mut reply, request_id, 0, status);
         self.write_all(&reply)
-    }
-}
-
-#[derive(Debug)]
-enum WireError {
-    Io(io::Error),
-    Protocol(ProtocolError),
-}
-
-impl From<io::Error> for WireError {
-    fn from(e: io::Error) -> Self {
-        WireError::Io(e)
-    }
-}
-
-impl From<ProtocolError> for WireError {
-    fn from(e: ProtocolError) -> Self {
-        WireError::Protocol(e)
-    }
-}
-
-impl std::fmt::Display for WireError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WireError::Io(e) => write!(f, "I/O error: {e}"),
-            WireError::Protocol(e) => write!(f, "protocol error: {e}"),
-        }
     }
 }
 
@@ -308,13 +275,7 @@ impl Driver {
                         );
                         Ok(())
                     }
-                    Some(_) => {
-                        tracing::warn!(
-                            request_id,
-                            "second request on a busy connection: FCGI_CANT_MPX_CONN"
-                        );
-                        wire.end_request(request_id, ProtocolStatus::CantMpxConn)
-                    }
+                    Some(_) => wire.refuse_second(request_id),
                     None if role != Role::Responder => {
                         tracing::warn!(
                             request_id,
@@ -439,14 +400,7 @@ impl BodySource for DirectBody {
                     return Err(BodyInterrupted);
                 }
                 Ok(Some(Record::BeginRequest { request_id, .. })) => {
-                    tracing::warn!(
-                        request_id,
-                        "second request on a busy connection: FCGI_CANT_MPX_CONN"
-                    );
-                    if wire
-                        .end_request(request_id, ProtocolStatus::CantMpxConn)
-                        .is_err()
-                    {
+                    if wire.refuse_second(request_id).is_err() {
                         return Err(BodyInterrupted);
                     }
                 }

@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,44 +83,6 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Requests on fresh connections in a loop until `stop`; counts successes and failures.
-fn load(
-    address: Address,
-    params: Vec<(String, String)>,
-    stop: Arc<AtomicBool>,
-) -> (
-    Arc<AtomicUsize>,
-    Arc<AtomicUsize>,
-    std::thread::JoinHandle<()>,
-) {
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failed = Arc::new(AtomicUsize::new(0));
-    let (ok2, failed2) = (ok.clone(), failed.clone());
-    let handle = std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-            let Address::Tcp(addr) = &address else {
-                unreachable!()
-            };
-            let good = std::net::TcpStream::connect(addr)
-                .ok()
-                .is_some_and(|stream| {
-                    stream.set_read_timeout(Some(Duration::from_secs(20))).ok();
-                    let mut client = Client::new(stream);
-                    let mut request = Send::new(1, &params);
-                    request.keep_conn = false;
-                    client.send(&request);
-                    matches!(
-                        client.read_record(),
-                        Some(wfastcgi::protocol::Record::Stdout { .. })
-                    )
-                });
-            if good { &ok2 } else { &failed2 }.fetch_add(1, Ordering::Relaxed);
-        }
-    });
-    (ok, failed, handle)
-}
-
 #[test]
 fn the_supervisor_replaces_a_killed_worker_and_restarts_on_sighup() {
     let app = AppDir::new("concurrency.sleepy", &[]);
@@ -137,7 +99,7 @@ fn the_supervisor_replaces_a_killed_worker_and_restarts_on_sighup() {
     let workers = children(gateway.child.id());
     assert_eq!(workers.len(), 2, "two workers: {workers:?}\n{}", app.log());
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, handle) = load(
+    let (ok, failed, handle) = keep_requesting(
         Address::Tcp(address),
         app.iis_params("GET", "/?sleep=0.01"),
         stop.clone(),

@@ -3,7 +3,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -266,37 +266,8 @@ fn bind_mode_restarts_in_place_without_failing_a_request() {
     app.wait_for_log("watching");
     let params = app.iis_params("GET", "/");
     let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(AtomicUsize::new(0));
     let address = gateway.address.clone().expect("address");
-    let load = {
-        let (stop, served, failures) = (stop.clone(), served.clone(), failures.clone());
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let Address::Tcp(addr) = &address else {
-                    unreachable!()
-                };
-                let ok = std::net::TcpStream::connect(addr)
-                    .ok()
-                    .is_some_and(|stream| {
-                        stream.set_read_timeout(Some(Duration::from_secs(20))).ok();
-                        let mut client = Client::new(stream);
-                        let mut request = Send::new(1, &params);
-                        request.keep_conn = false;
-                        client.send(&request);
-                        client
-                            .read_record()
-                            .is_some_and(|r| matches!(r, wfastcgi::protocol::Record::Stdout { .. }))
-                    });
-                if ok {
-                    served.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let (served, failures, load) = keep_requesting(address, params, stop.clone());
     std::thread::sleep(Duration::from_millis(500));
     let before = served.load(Ordering::Relaxed);
     touch(&app.path().join("app.py"));

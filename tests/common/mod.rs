@@ -621,3 +621,39 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
         .expect("VmHWM in /proc/PID/status");
     kib / 1024.0
 }
+
+/// Requests on a fresh connection each (without FCGI_KEEP_CONN) in a loop until `stop` (or a
+/// minute): the number answered and the number that failed, and the thread.
+pub fn keep_requesting(
+    address: Address,
+    params: Vec<(String, String)>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (answered, broken) = (ok.clone(), failed.clone());
+    let handle = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let Address::Tcp(addr) = &address else {
+                panic!("keep_requesting needs a TCP address")
+            };
+            let good = TcpStream::connect(addr).ok().is_some_and(|stream| {
+                stream.set_read_timeout(Some(Duration::from_secs(20))).ok();
+                let mut client = Client::new(stream);
+                let mut request = Send::new(1, &params);
+                request.keep_conn = false;
+                client.send(&request);
+                matches!(client.read_record(), Some(Record::Stdout { .. }))
+            });
+            if good { &answered } else { &broken }.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    (ok, failed, handle)
+}
