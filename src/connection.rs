@@ -102,19 +102,23 @@ pub struct Connection<S> {
     /// After a shutdown started: until then an idle connection still takes the request a web
     /// server may already have sent, so nothing in flight is cut off by the race.
     linger_until: Option<tokio::time::Instant>,
+    /// When the last bytes arrived, and the timer that closes an idle connection.
+    idle_since: tokio::time::Instant,
+    idle_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 /// How long an idle connection waits for a request already on its way when a shutdown starts.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Read this much at a time: a whole maximal record and its header fit.
-const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
+/// Room kept for the next read: enough for a typical request's records in one read; a larger
+/// record gets the room it needs (`RecordDecoder::bytes_needed`).
+const READ_ROOM: usize = 16 * 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S, context: Arc<ServerContext>, shutdown: Shutdown) -> Self {
         Connection {
             stream,
-            read_buf: BytesMut::with_capacity(READ_CHUNK),
+            read_buf: BytesMut::with_capacity(READ_ROOM),
             decoder: RecordDecoder,
             replies: BytesMut::new(),
             state: State::Idle,
@@ -124,6 +128,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             peer_closed: false,
             close_after_request: false,
             linger_until: None,
+            idle_since: tokio::time::Instant::now(),
+            idle_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
         }
     }
 
@@ -145,8 +151,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .context
                 .idle_timeout
                 .filter(|_| !matches!(self.state, State::Running(_)));
+            // One timer for the connection's life, moved forward as bytes arrive.
+            if let Some(limit) = idle_limit {
+                self.idle_timer.as_mut().reset(self.idle_since + limit);
+            }
             tokio::select! {
-                _ = sleep_for(idle_limit) => {
+                () = &mut self.idle_timer, if idle_limit.is_some() => {
                     tracing::info!("connection idle for {:?}: closed", idle_limit.unwrap_or_default());
                     return Ok(());
                 }
@@ -160,7 +170,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         self.decoder.finish(&self.read_buf)?;
                         self.on_peer_closed();
                     }
-                    self.read_buf.reserve(READ_CHUNK);
+                    let needed = RecordDecoder::bytes_needed(&self.read_buf);
+                    self.read_buf.reserve(needed.max(READ_ROOM));
+                    self.idle_since = tokio::time::Instant::now();
                 }
                 _ = self.shutdown.started(), if !self.close_after_request => {
                     self.close_after_request = true;
@@ -555,13 +567,6 @@ pub(crate) fn encode_values_answer(
 async fn linger(until: Option<tokio::time::Instant>) {
     match until {
         Some(until) => tokio::time::sleep_until(until).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_for(limit: Option<std::time::Duration>) {
-    match limit {
-        Some(limit) => tokio::time::sleep(limit).await,
         None => std::future::pending().await,
     }
 }

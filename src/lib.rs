@@ -4,7 +4,7 @@ pub mod check;
 pub mod config;
 pub mod connection;
 #[cfg(unix)]
-mod direct;
+pub mod direct;
 pub mod exchange;
 pub mod gateway;
 pub mod iis;
