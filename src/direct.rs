@@ -5,7 +5,7 @@
 //! response in one write).
 //!
 //! It speaks the same protocol as `connection.rs` with the same pure codec; only the I/O model
-//! differs. Waiting for a request polls every 200 ms so a shutdown (signal, restart) is noticed.
+//! differs. Waiting for a request wakes every 200 ms so a shutdown (signal, restart) is noticed.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -26,8 +26,9 @@ use crate::protocol::{
 };
 use crate::shutdown::Shutdown;
 
-/// How often a wait for the next request looks at the shutdown flag.
-const POLL_MS: i32 = 200;
+/// How often a wait for the next request looks at the shutdown flag (the socket's receive
+/// time-out: one system call per wait, not a read, a poll and a read).
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
 const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
 
 /// The socket, and what was read from it but not yet used.
@@ -58,7 +59,7 @@ impl Wire {
             if stop() {
                 return Ok(None);
             }
-            match self.fill(POLL_MS)? {
+            match self.fill(true)? {
                 Filled::Data | Filled::TimedOut => {}
                 Filled::End => {
                     RecordDecoder.finish(&self.buf)?;
@@ -68,18 +69,21 @@ impl Wire {
         }
     }
 
-    /// Reads what is there, waiting up to `timeout_ms` (-1: forever) for something to arrive.
-    fn fill(&mut self, timeout_ms: i32) -> io::Result<Filled> {
+    /// Reads what is there. With `wait`, blocks until something arrives or the socket's
+    /// receive time-out (`POLL`) passes; without, returns at once.
+    fn fill(&mut self, wait: bool) -> io::Result<Filled> {
         self.buf.reserve(READ_CHUNK);
+        let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         loop {
             let spare = self.buf.spare_capacity_mut();
-            // SAFETY: read(2) writes at most `spare.len()` bytes into the uninitialised spare
+            // SAFETY: recv(2) writes at most `spare.len()` bytes into the uninitialised spare
             // capacity, and only the bytes it reports are marked as initialised below.
             let read = unsafe {
-                libc::read(
+                libc::recv(
                     self.socket.as_raw_fd(),
                     spare.as_mut_ptr().cast(),
                     spare.len(),
+                    flags,
                 )
             };
             match read {
@@ -93,11 +97,7 @@ impl Wire {
                     let error = io::Error::last_os_error();
                     match error.kind() {
                         io::ErrorKind::Interrupted => {}
-                        io::ErrorKind::WouldBlock => {
-                            if !self.wait(libc::POLLIN, timeout_ms)? {
-                                return Ok(Filled::TimedOut);
-                            }
-                        }
+                        io::ErrorKind::WouldBlock => return Ok(Filled::TimedOut),
                         io::ErrorKind::ConnectionReset => return Ok(Filled::End),
                         _ => return Err(error),
                     }
@@ -106,41 +106,8 @@ impl Wire {
         }
     }
 
-    /// Waits for the socket to be ready for `events`; false on time-out.
-    fn wait(&self, events: libc::c_short, timeout_ms: i32) -> io::Result<bool> {
-        let mut poll = libc::pollfd {
-            fd: self.socket.as_raw_fd(),
-            events,
-            revents: 0,
-        };
-        loop {
-            // SAFETY: one valid pollfd.
-            match unsafe { libc::poll(&mut poll, 1, timeout_ms) } {
-                0 => return Ok(false),
-                n if n > 0 => return Ok(true),
-                _ => {
-                    let error = io::Error::last_os_error();
-                    if error.kind() != io::ErrorKind::Interrupted {
-                        return Err(error);
-                    }
-                }
-            }
-        }
-    }
-
-    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            match (&self.socket).write(data) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => data = &data[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.wait(libc::POLLOUT, -1)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        (&self.socket).write_all(data)
     }
 
     /// Whether request `id` was aborted (or the web server left) since the last look, reading
@@ -167,7 +134,7 @@ impl Wire {
                     }
                 }
                 Ok(Some(other)) => self.pending.push_back(other),
-                Ok(None) => match self.fill(0) {
+                Ok(None) => match self.fill(false) {
                     Ok(Filled::Data) => {}
                     Ok(Filled::TimedOut) => break,
                     Ok(Filled::End) | Err(_) => return true,
@@ -230,7 +197,8 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
-        socket.set_nonblocking(true)?;
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(POLL))?;
         Ok(Driver {
             wire: Arc::new(Mutex::new(Wire {
                 socket,

@@ -245,14 +245,18 @@ impl App {
         input: Bound<'py, WsgiInput>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let environ = self.base_environ.bind(py).copy()?;
-        for (name, value) in params.iter() {
+        LAST_PARAMS.with_borrow_mut(|last| -> PyResult<()> {
             // nginx sends these empty for body-less requests; PEP 3333 wants them absent.
-            if value.is_empty() && (&name[..] == b"CONTENT_LENGTH" || &name[..] == b"CONTENT_TYPE")
-            {
-                continue;
+            let present = params.iter().filter(|(name, value)| {
+                !(value.is_empty()
+                    && (&name[..] == b"CONTENT_LENGTH" || &name[..] == b"CONTENT_TYPE"))
+            });
+            for (index, (name, value)) in present.enumerate() {
+                let (name, value) = last.strings(py, index, name, value)?;
+                environ.set_item(name, value)?;
             }
-            environ.set_item(param_name(py, name)?, latin1(py, value)?)?;
-        }
+            Ok(())
+        })?;
         let route = routing::route(
             params,
             &RouteSettings {
@@ -305,29 +309,71 @@ impl App {
     }
 }
 
-/// A parameter name as an interned `str`, from a per-thread cache: the same few dozen names
-/// come with every request, so each is built once (and interned strings make the
-/// application's `environ[...]` lookups cheaper). Bounded, so odd names cannot grow it.
-fn param_name<'py>(py: Python<'py>, name: &[u8]) -> PyResult<Bound<'py, PyString>> {
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-    const CACHED_NAMES: usize = 512;
-    thread_local! {
-        static NAMES: RefCell<HashMap<Box<[u8]>, Py<PyString>>> = RefCell::new(HashMap::new());
+/// The `str` objects of the last request's parameters, by position, per thread. A web server
+/// sends the same names in the same order every time, and most values (server name, port,
+/// software, app path, host, user agent...) repeat too: comparing bytes is cheaper than making
+/// new strings (and interned names make the application's `environ[...]` lookups cheaper).
+/// Bounded: at most `SLOTS` parameters, values up to `CACHED_VALUE` bytes.
+struct LastParams {
+    slots: Vec<Slot>,
+}
+
+struct Slot {
+    name: Bytes,
+    name_str: Py<PyString>,
+    value: Bytes,
+    value_str: Option<Py<PyString>>,
+}
+
+const SLOTS: usize = 256;
+const CACHED_VALUE: usize = 256;
+
+impl LastParams {
+    /// The name and value of parameter `index` as `str`, reusing last request's when equal.
+    fn strings<'py>(
+        &mut self,
+        py: Python<'py>,
+        index: usize,
+        name: &Bytes,
+        value: &Bytes,
+    ) -> PyResult<(Bound<'py, PyString>, Bound<'py, PyString>)> {
+        // Slots fill in order; anything beyond them is made fresh.
+        if index >= SLOTS || index > self.slots.len() {
+            return Ok((latin1(py, name)?, latin1(py, value)?));
+        }
+        if index >= self.slots.len() || self.slots[index].name != name {
+            let name_str = match std::str::from_utf8(name).ok().filter(|t| t.is_ascii()) {
+                Some(text) => PyString::intern(py, text),
+                None => latin1(py, name)?,
+            };
+            let slot = Slot {
+                name: name.clone(),
+                name_str: name_str.unbind(),
+                value: Bytes::new(),
+                value_str: None,
+            };
+            self.slots.truncate(index);
+            self.slots.push(slot);
+        }
+        let slot = &mut self.slots[index];
+        let value_str = match &slot.value_str {
+            Some(cached) if slot.value == value => cached.bind(py).clone(),
+            _ => {
+                let fresh = latin1(py, value)?;
+                if value.len() <= CACHED_VALUE {
+                    slot.value = value.clone();
+                    slot.value_str = Some(fresh.clone().unbind());
+                }
+                fresh
+            }
+        };
+        Ok((slot.name_str.bind(py).clone(), value_str))
     }
-    let Some(text) = std::str::from_utf8(name).ok().filter(|t| t.is_ascii()) else {
-        return latin1(py, name);
-    };
-    NAMES.with_borrow_mut(|names| {
-        if let Some(cached) = names.get(name) {
-            return Ok(cached.bind(py).clone());
-        }
-        let interned = PyString::intern(py, text);
-        if names.len() < CACHED_NAMES {
-            names.insert(name.into(), interned.clone().unbind());
-        }
-        Ok(interned)
-    })
+}
+
+thread_local! {
+    static LAST_PARAMS: std::cell::RefCell<LastParams> =
+        const { std::cell::RefCell::new(LastParams { slots: Vec::new() }) };
 }
 
 /// Bytes as a `str` of the same code points (PEP 3333's "native strings").
