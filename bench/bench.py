@@ -468,10 +468,9 @@ def report(paths, opts, results, table_servers, scenario_list, cost_ns, started)
         lines.extend(cost_lines)
         lines.append("")
         lines.append(
-            "The fd 0 floor serves the stream through the tokio runtime and the job queue; the "
-            "gateway serves fd 0 on the application's thread (`direct.rs`, private to the "
-            "crate), so there the floor has one thread hop more than the gateway. On a unix "
-            "socket both use the same stack."
+            "The floor (examples/native_responder.rs) is the gateway's own transport code with "
+            "a Rust responder instead of Python: over fd 0 the same `direct.rs` driver, on a "
+            "unix socket the same tokio connection and job queue."
         )
     if notes:
         lines.append("")

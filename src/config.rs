@@ -17,6 +17,9 @@ use anyhow::{bail, Context, Result};
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
+/// Requests that may wait for a busy worker thread by default.
+pub const DEFAULT_QUEUE_LENGTH: usize = 64;
+
 /// wfastcgi.py's default: restart when a `.py` or `.config` file changes.
 pub const DEFAULT_RESTART_REGEX: &str = r".*((\.py)|(\.config))$";
 
@@ -149,7 +152,7 @@ impl AppConfig {
     /// `WSGI_QUEUE_LENGTH`: requests that may wait for a busy worker; more get a 503.
     pub fn queue_length(&self) -> Result<usize> {
         match self.get_nonempty("WSGI_QUEUE_LENGTH") {
-            None => Ok(64),
+            None => Ok(DEFAULT_QUEUE_LENGTH),
             Some(value) => parse_count("WSGI_QUEUE_LENGTH", &value),
         }
     }

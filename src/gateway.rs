@@ -17,9 +17,8 @@ use crate::server::Transport;
 use crate::watcher::{self, WatchSettings};
 use crate::{exchange, logging, shutdown, worker};
 
-/// Requests waiting for a worker under IIS, where the web.config is read only later.
-const DEFAULT_QUEUE_LENGTH: usize = 64;
-/// Connections served at once in the listening modes, as GET_VALUES reports it.
+/// Connections served at once in the listening modes (more wait in the backlog), as
+/// GET_VALUES reports it.
 const MAX_CONNECTIONS: usize = 1024;
 /// How long a shutdown waits for the requests in flight before it stops waiting.
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
@@ -152,7 +151,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             config.idle_timeout()?,
         ),
         Some(Ok(config)) => (config.queue_length()?, config.web_server_addrs()?, None),
-        _ => (DEFAULT_QUEUE_LENGTH, None, None),
+        _ => (config::DEFAULT_QUEUE_LENGTH, None, None),
     };
     let (jobs, job_receiver) = worker::queue(queue_length);
     let (max_conns, max_reqs) = if iis_stream {

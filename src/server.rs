@@ -227,6 +227,14 @@ async fn accept_loop(
     let listener = adopt_listener(socket)?;
     let mut connections = JoinSet::new();
     loop {
+        // At FCGI_MAX_CONNS, the next connection waits in the backlog for one to finish.
+        if connections.len() >= context.max_conns {
+            tokio::select! {
+                _ = connections.join_next() => {}
+                _ = shutdown.started() => break,
+            }
+            continue;
+        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
