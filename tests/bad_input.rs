@@ -117,10 +117,7 @@ fn a_pair_split_at_every_byte_is_read_the_same() {
     let mut params = app.iis_params("GET", "/split");
     set_param(&mut params, "HTTP_X_LONG", &"v".repeat(300));
     let encoded = encoded_params(&params);
-    for split in (1..encoded.len())
-        .step_by(7)
-        .chain([1, 2, 3, 4, 5, encoded.len() - 1])
-    {
+    for split in 1..encoded.len() {
         let id = (split % 200 + 1) as u16;
         let mut bytes = begin(id);
         bytes.extend(record(RecordType::Params, id, &encoded[..split]));
