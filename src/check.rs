@@ -133,9 +133,12 @@ fn check_settings(report: &mut Report, config: &AppConfig) {
         None => report.ok("WSGI_RESTART_FILE_REGEX is empty: no restart on file changes"),
         Some(pattern) => match watcher::compile_pattern(&pattern) {
             Ok(_) => report.ok(format!("WSGI_RESTART_FILE_REGEX {pattern:?} compiles")),
-            Err(e) => report.fail(format!(
-                "WSGI_RESTART_FILE_REGEX {pattern:?} cannot be used (the default would be): {e}"
-            )),
+            Err(e) => {
+                report.fail(format!(
+                    "WSGI_RESTART_FILE_REGEX {pattern:?} cannot be used (the default would be):"
+                ));
+                report.detail(&e.to_string());
+            }
         },
     }
 }
