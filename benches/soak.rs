@@ -180,11 +180,7 @@ fn soak_iis(app: &AppDir, requests: usize) {
 
 fn soak_bind(app: &AppDir, requests: usize) {
     const CLIENTS: usize = 4;
-    let gateway = Gateway::bind(
-        Address::Tcp(free_tcp_address()),
-        app.path(),
-        &["--threads", "4"],
-    );
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "4"]);
     let pid = gateway.child.id();
     let next = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
@@ -229,7 +225,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(200_000);
-    let app = AppDir::new("soak.app", &[("WSGI_LOG_LEVEL", "warn")]);
+    let app = AppDir::new("soak.app", &[("WSGI_LOG_LEVEL", "info")]);
     std::fs::write(app.path().join("soak.py"), APP).expect("write soak.py");
     println!("soak: {requests} requests per mode, binary {BINARY}");
     soak_iis(&app, requests);

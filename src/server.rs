@@ -225,6 +225,7 @@ async fn accept_loop(
     mut shutdown: Shutdown,
 ) -> io::Result<Socket> {
     let listener = adopt_listener(socket)?;
+    tracing::info!("listening on {}", listener.describe());
     let mut connections = JoinSet::new();
     loop {
         // At FCGI_MAX_CONNS, the next connection waits in the backlog for one to finish.
@@ -272,6 +273,20 @@ enum Stream {
 }
 
 impl Listener {
+    /// The address, for the log (a test reads the port of a `--bind 127.0.0.1:0` from it).
+    fn describe(&self) -> String {
+        let address = match self {
+            Listener::Tcp(listener) => listener.local_addr().map(|a| a.to_string()),
+            #[cfg(unix)]
+            Listener::Unix(listener) => listener.local_addr().map(|a| {
+                a.as_pathname().map_or("an unnamed socket".into(), |p| {
+                    format!("unix:{}", p.display())
+                })
+            }),
+        };
+        address.unwrap_or_else(|e| format!("an unknown address ({e})"))
+    }
+
     fn into_socket(self) -> io::Result<Socket> {
         Ok(match self {
             Listener::Tcp(listener) => Socket::from(listener.into_std()?),

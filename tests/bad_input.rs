@@ -33,11 +33,7 @@ fn encoded_params(params: &[(String, String)]) -> Vec<u8> {
 /// A bound gateway for the cases that close their connection: the next one must work.
 fn bound(handler: &str) -> (AppDir, Gateway) {
     let app = AppDir::new(handler, &[]);
-    let gateway = Gateway::bind(
-        Address::Tcp(free_tcp_address()),
-        app.path(),
-        &["--threads", "1"],
-    );
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
     (app, gateway)
 }
 
@@ -322,7 +318,7 @@ fn a_non_str_header_is_a_500() {
 #[test]
 fn an_idle_connection_is_closed_in_bind_mode() {
     let app = AppDir::new("hello.app", &[("WSGI_IDLE_TIMEOUT", "1")]);
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     let mut client = gateway.connect();
     assert_eq!(client.get(1, &app.iis_params("GET", "/")).status, 200);
     // Nothing for longer than the timeout: the gateway closes the connection.

@@ -15,11 +15,7 @@ use common::*;
 #[test]
 fn four_threads_serve_four_requests_at_once() {
     let app = AppDir::new("concurrency.barrier", &[]);
-    let gateway = Gateway::bind(
-        Address::Tcp(free_tcp_address()),
-        app.path(),
-        &["--threads", "4"],
-    );
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "4"]);
     let params = app.iis_params("GET", "/");
     let clients: Vec<_> = (0..4)
         .map(|_| {
@@ -35,11 +31,7 @@ fn four_threads_serve_four_requests_at_once() {
     }
     let env = {
         let app = AppDir::new("hello.environ_app", &[]);
-        let gateway = Gateway::bind(
-            Address::Tcp(free_tcp_address()),
-            app.path(),
-            &["--threads", "4"],
-        );
+        let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "4"]);
         gateway.connect().get(1, &app.iis_params("GET", "/")).json()
     };
     assert_eq!(env["wsgi.multithread"], true);
@@ -49,11 +41,7 @@ fn four_threads_serve_four_requests_at_once() {
 #[test]
 fn a_full_queue_answers_503_at_once() {
     let app = AppDir::new("concurrency.sleepy", &[("WSGI_QUEUE_LENGTH", "1")]);
-    let gateway = Gateway::bind(
-        Address::Tcp(free_tcp_address()),
-        app.path(),
-        &["--threads", "1"],
-    );
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
     let params = app.iis_params("GET", "/?sleep=3");
     // One request runs, one waits in the queue, the third finds no room.
     let mut running = gateway.connect();
@@ -86,12 +74,12 @@ fn children(pid: u32) -> Vec<u32> {
 #[test]
 fn the_supervisor_replaces_a_killed_worker_and_restarts_on_sighup() {
     let app = AppDir::new("concurrency.sleepy", &[]);
-    let address = free_tcp_address();
     let mut gateway = Gateway::bind(
-        Address::Tcp(address),
+        Address::Tcp(any_port()),
         app.path(),
         &["--processes", "2", "--threads", "2"],
     );
+    let address = gateway.address.clone().expect("address");
     let deadline = Instant::now() + Duration::from_secs(30);
     while app.log().matches("ready (pid").count() < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -99,11 +87,8 @@ fn the_supervisor_replaces_a_killed_worker_and_restarts_on_sighup() {
     let workers = children(gateway.child.id());
     assert_eq!(workers.len(), 2, "two workers: {workers:?}\n{}", app.log());
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed, handle) = keep_requesting(
-        Address::Tcp(address),
-        app.iis_params("GET", "/?sleep=0.01"),
-        stop.clone(),
-    );
+    let (ok, failed, handle) =
+        keep_requesting(address, app.iis_params("GET", "/?sleep=0.01"), stop.clone());
     std::thread::sleep(Duration::from_millis(500));
     // SIGKILL one worker mid-load: only its request in flight may fail.
     // SAFETY: kill(2) on a child process of the gateway under test.
@@ -155,7 +140,7 @@ fn web_server_addrs_refuses_other_peers() {
         "hello.app",
         &[("FCGI_WEB_SERVER_ADDRS", "10.9.8.7, 10.9.8.6")],
     );
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     let mut client = gateway.connect();
     client.send(&Send::new(1, &app.iis_params("GET", "/")));
     assert!(client.is_closed(), "refused");
@@ -167,7 +152,7 @@ fn web_server_addrs_refuses_other_peers() {
         "hello.app",
         &[("FCGI_WEB_SERVER_ADDRS", "10.9.8.7,127.0.0.1")],
     );
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     assert_eq!(
         gateway.connect().get(1, &app.iis_params("GET", "/")).status,
         200

@@ -402,7 +402,7 @@ fastcgi.server = ( \"/\" => ((
 #[test]
 fn apache_mod_proxy_fcgi() {
     let app = hello_and_echo_app();
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     let Some(Address::Tcp(upstream)) = gateway.address.clone() else {
         unreachable!()
     };
@@ -470,7 +470,7 @@ fn spawn_fcgi_hands_over_a_listening_socket() {
 #[test]
 fn libfcgi_cgi_fcgi_connect() {
     let app = hello_and_echo_app();
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     let Some(Address::Tcp(address)) = gateway.address.clone() else {
         unreachable!()
     };

@@ -203,7 +203,7 @@ fn serves_over_bound_tcp_unix_and_an_inherited_listener() {
     let params = app.iis_params("GET", "/");
     let socket = app.path().join("wfastcgi.sock");
     let gateways = [
-        Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]),
+        Gateway::bind(Address::Tcp(any_port()), app.path(), &[]),
         Gateway::bind(Address::Unix(socket), app.path(), &[]),
         Gateway::inherited_listener(app.path()),
     ];
@@ -222,7 +222,7 @@ fn serves_over_bound_tcp_unix_and_an_inherited_listener() {
 #[test]
 fn without_keep_conn_the_connection_closes_after_the_response() {
     let app = AppDir::new("hello.app", &[]);
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     let params = app.iis_params("GET", "/");
     let mut client = gateway.connect();
     let mut request = Send::new(1, &params);
@@ -531,11 +531,7 @@ fn standard_input_that_is_not_a_connection_is_an_error() {
 #[test]
 fn a_malformed_record_closes_only_that_connection() {
     let app = AppDir::new("hello.app", &[]);
-    let gateway = Gateway::bind(
-        Address::Tcp(free_tcp_address()),
-        app.path(),
-        &["--threads", "1"],
-    );
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
     let params = app.iis_params("GET", "/");
     let mut bad = gateway.connect();
     bad.write_raw(&[2, 1, 0, 1, 0, 8, 0, 0]); // version 2

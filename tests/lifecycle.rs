@@ -262,7 +262,7 @@ fn atexit_runs_and_application_threads_do_not_hold_the_exit() {
 #[test]
 fn bind_mode_restarts_in_place_without_failing_a_request() {
     let app = AppDir::new("hello.app", &[]);
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     app.wait_for_log("watching");
     let params = app.iis_params("GET", "/");
     let stop = Arc::new(AtomicBool::new(false));

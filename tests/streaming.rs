@@ -199,7 +199,7 @@ fn aborts_mid_upload_and_mid_download() {
 
     // Mid-download, the web server closes the connection: the generator is closed.
     let app = AppDir::new("stream.tracked_stream", &[]);
-    let gateway = Gateway::bind(Address::Tcp(free_tcp_address()), app.path(), &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     let mut client = gateway.connect();
     client.send(&Send::new(1, &app.iis_params("GET", "/")));
     let mut buf = vec![0u8; 1024 * 1024];

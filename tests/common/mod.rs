@@ -170,6 +170,8 @@ impl Gateway {
     }
 
     /// Starts `wfastcgi serve --bind ADDR --app-dir DIR` plus `args`, and waits until it listens.
+    /// For a TCP port 0 (see [`any_port`]) the gateway picks a free port, read from its log
+    /// (WSGI_LOG in DIR's web.config): no other test can take it in between.
     pub fn bind(address: Address, app_dir: &Path, args: &[&str]) -> Gateway {
         let bind = match &address {
             Address::Tcp(addr) => addr.to_string(),
@@ -184,6 +186,10 @@ impl Gateway {
             .stderr(Stdio::null())
             .spawn()
             .expect("start wfastcgi");
+        let address = match address {
+            Address::Tcp(addr) if addr.port() == 0 => Address::Tcp(port_from_log(app_dir)),
+            other => other,
+        };
         let gateway = Gateway {
             child,
             stream: None,
@@ -279,6 +285,36 @@ impl Drop for Gateway {
     }
 }
 
+/// `127.0.0.1:0`: let the gateway pick its port ([`Gateway::bind`] reads it from the log).
+pub fn any_port() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// The port of the first `listening on 127.0.0.1:PORT` line of the app folder's log.
+fn port_from_log(app_dir: &Path) -> std::net::SocketAddr {
+    const LINE: &str = "listening on 127.0.0.1:";
+    let log = app_dir.join("wfastcgi.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let port = text.split(LINE).nth(1).and_then(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<u16>().ok()
+        });
+        if let Some(port) = port {
+            return std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {LINE:?} line in {}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A port free now, for servers other than the gateway (nginx, Apache...); it may be taken by
+/// the time they bind, which is rare.
 pub fn free_tcp_address() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address")
