@@ -315,7 +315,7 @@ impl fmt::Display for WebConfigError {
 
 impl std::error::Error for WebConfigError {}
 
-pub fn read_app_settings(path: &Path) -> Result<Vec<(String, String)>> {
+fn read_app_settings(path: &Path) -> Result<Vec<(String, String)>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     parse_app_settings(&bytes).map_err(|message| {
         WebConfigError {

@@ -25,7 +25,7 @@ use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
 
 pub use diagnose::{diagnose, run_request, Diagnosis, HandlerReport, RequestReport};
-pub use response::error_response;
+use response::error_response;
 
 use input::WsgiInput;
 use response::StartResponse;
