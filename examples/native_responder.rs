@@ -48,15 +48,7 @@ fn main() -> Result<()> {
 #[cfg(unix)]
 fn serve_stream(socket: socket2::Socket) -> Result<()> {
     let (trigger, _) = shutdown::channel();
-    let guard = trigger.clone();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the signal runtime")?;
-    std::thread::Builder::new()
-        .name("native-signals".into())
-        .spawn(move || runtime.block_on(wfastcgi::server::guard_process(guard)))
-        .context("cannot start the signal thread")?;
+    wfastcgi::server::spawn_guard(trigger.clone())?;
     let mut driver =
         wfastcgi::direct::Driver::new(socket, trigger.subscribe()).context("cannot use fd 0")?;
     while let Some(job) = driver.next_job() {

@@ -37,6 +37,7 @@ struct Wire {
     buf: BytesMut,
     /// Records read while looking for an abort during a response; used before `buf`.
     pending: VecDeque<Record>,
+    limits: ParamLimits,
 }
 
 enum Filled {
@@ -126,10 +127,7 @@ impl Wire {
                     }
                 }
                 Ok(Some(other @ (Record::GetValues { .. } | Record::Unknown { .. }))) => {
-                    if self
-                        .answer_management(&other, &ParamLimits::default())
-                        .is_err()
-                    {
+                    if self.answer_management(&other).is_err() {
                         return true;
                     }
                 }
@@ -146,11 +144,11 @@ impl Wire {
     }
 
     /// Answers the management records a web server may send at any time; false for others.
-    fn answer_management(&mut self, record: &Record, limits: &ParamLimits) -> io::Result<bool> {
+    fn answer_management(&mut self, record: &Record) -> io::Result<bool> {
         let mut reply = BytesMut::new();
         match record {
             Record::GetValues { content } => {
-                let asked = protocol::decode_name_values(content, limits).unwrap_or_default();
+                let asked = protocol::decode_name_values(content, &self.limits).unwrap_or_default();
                 encode_values_answer(&mut reply, &asked, 1, 1);
             }
             Record::Unknown { record_type, .. } => {
@@ -190,7 +188,6 @@ fn lock(wire: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
 pub struct Driver {
     wire: Arc<Mutex<Wire>>,
     shutdown: Shutdown,
-    limits: ParamLimits,
     /// The last request did not set FCGI_KEEP_CONN.
     close: bool,
 }
@@ -204,9 +201,9 @@ impl Driver {
                 socket,
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 pending: VecDeque::new(),
+                limits: ParamLimits::default(),
             })),
             shutdown,
-            limits: ParamLimits::default(),
             close: false,
         })
     }
@@ -253,7 +250,7 @@ impl Driver {
                         wire.end_request(request_id, ProtocolStatus::UnknownRole)
                     }
                     None => {
-                        request = Some((request_id, keep_conn, ParamsBuilder::new(self.limits)));
+                        request = Some((request_id, keep_conn, ParamsBuilder::new(wire.limits)));
                         Ok(())
                     }
                 },
@@ -296,7 +293,7 @@ impl Driver {
                 },
                 // The rest of a body nobody read, and strays, are dropped here.
                 Record::Stdin { .. } | Record::Data { .. } => Ok(()),
-                other => match wire.answer_management(&other, &self.limits) {
+                other => match wire.answer_management(&other) {
                     Ok(true) => Ok(()),
                     Ok(false) => {
                         tracing::warn!("ignoring a record only an application may send");
@@ -320,7 +317,6 @@ impl Driver {
                 wire: self.wire.clone(),
                 request_id,
                 aborted: aborted.clone(),
-                limits: self.limits,
                 done: false,
             })),
             response: ResponseSink::new(
@@ -340,7 +336,6 @@ struct DirectBody {
     wire: Arc<Mutex<Wire>>,
     request_id: u16,
     aborted: Arc<AtomicBool>,
-    limits: ParamLimits,
     done: bool,
 }
 
@@ -373,7 +368,7 @@ impl BodySource for DirectBody {
                     }
                 }
                 Ok(Some(other)) => {
-                    if wire.answer_management(&other, &self.limits).is_err() {
+                    if wire.answer_management(&other).is_err() {
                         return Err(BodyInterrupted);
                     }
                 }

@@ -294,15 +294,20 @@ pub fn simple_response(
     encoder.stdout(body);
 }
 
+/// Answers a request the application does not see with a plain-text `status` and `body`.
+/// Blocks while the web server is behind: never call it holding the GIL.
+pub fn respond(response: &ResponseSink, status: &str, body: &str) {
+    let mut encoder = ResponseEncoder::new(response.request_id());
+    simple_response(&mut encoder, status, &[], body.as_bytes());
+    let _ = response.send_blocking(Output::End(encoder.finish(0)));
+}
+
 /// Answers a job with a 500 whose body is `notice`: a deployment problem the administrator must
 /// see (IIS shows the body), reported once.
 pub fn respond_notice(job: Job, notice: &str) {
-    let mut encoder = ResponseEncoder::new(job.response.request_id());
-    simple_response(
-        &mut encoder,
+    respond(
+        &job.response,
         "500 Internal Server Error",
-        &[],
-        format!("wfastcgi: {notice}\n").as_bytes(),
+        &format!("wfastcgi: {notice}\n"),
     );
-    let _ = job.response.send_blocking(Output::End(encoder.finish(0)));
 }

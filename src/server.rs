@@ -197,11 +197,23 @@ pub async fn run(
     }
 }
 
-/// Signals and the grace period, for a process whose requests are served without this
-/// runtime (the IIS stream, `direct.rs`).
-pub async fn guard_process(trigger: Trigger) {
-    tokio::spawn(watch_signals(trigger.clone()));
-    enforce_grace(trigger.subscribe()).await;
+/// Starts a thread that watches signals and the grace period, for a process whose requests
+/// are served without a runtime (the IIS stream, `direct.rs`).
+pub fn spawn_guard(trigger: Trigger) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    std::thread::Builder::new()
+        .name("wfastcgi-signals".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                tokio::spawn(watch_signals(trigger.clone()));
+                enforce_grace(trigger.subscribe()).await;
+            })
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
 }
 
 /// Requests still running `WSGI_RESTART_GRACE` after the shutdown started are given up on.

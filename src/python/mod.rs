@@ -218,10 +218,8 @@ fn content_length(params: &Params) -> Result<Option<u64>, ()> {
 
 /// Answers a request the application never sees.
 fn refuse(py: Python<'_>, response: crate::exchange::ResponseSink, status: &str) {
-    let mut encoder = ResponseEncoder::new(response.request_id());
     let reason = status.split_once(' ').map_or(status, |(_, reason)| reason);
-    crate::exchange::simple_response(&mut encoder, status, &[], format!("{reason}\n").as_bytes());
-    let _ = py.detach(|| response.send_blocking(Output::End(encoder.finish(0))));
+    py.detach(|| crate::exchange::respond(&response, status, &format!("{reason}\n")));
 }
 
 /// `GET /path` for log lines, with control characters escaped so a request cannot forge lines.
