@@ -6,11 +6,11 @@
 //!
 //! Listening, it is wired as `gateway::serve` wires the real binary (src/gateway.rs): a one-thread
 //! tokio runtime on its own thread runs `server::run`, and a plain thread (here the main thread,
-//! where the gateway runs its Python worker) takes jobs off the queue and answers them. So the
-//! time the gateway spends per request beyond this is what calling into Python costs.
+//! where the gateway runs its Python worker) serves what it accepts itself (on Linux,
+//! `acceptor.rs`) and the jobs the runtime queues. So the time the gateway spends per request
+//! beyond this is what calling into Python costs.
 //!
-//! On fd 0 the gateway now serves the stream on the application's own thread (`direct.rs`, no
-//! thread hop), but that module is private to the crate; see `serve_stream`.
+//! On fd 0 it serves the stream on this thread, as the gateway does (`direct.rs`).
 
 use std::sync::Arc;
 
@@ -66,6 +66,17 @@ fn serve_queued(transport: Transport) -> Result<()> {
         (MAX_CONNECTIONS, MAX_CONNECTIONS)
     };
     let (jobs, job_receiver) = worker::queue(QUEUE_CAPACITY);
+    let (trigger, _) = shutdown::channel();
+    #[cfg(target_os = "linux")]
+    let (transport, jobs, acceptor) = wfastcgi::acceptor::share(
+        transport,
+        jobs,
+        None,
+        wfastcgi::direct::Advertised {
+            max_conns,
+            max_reqs,
+        },
+    )?;
     let context = Arc::new(ServerContext {
         jobs,
         param_limits: ParamLimits::default(),
@@ -74,7 +85,8 @@ fn serve_queued(transport: Transport) -> Result<()> {
         allowed_peers: None,
         idle_timeout: None,
     });
-    let (trigger, _) = shutdown::channel();
+    #[cfg(target_os = "linux")]
+    let shutdown = trigger.subscribe();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -87,6 +99,13 @@ fn serve_queued(transport: Transport) -> Result<()> {
         .spawn(move || runtime.block_on(run(transport, context, trigger)))
         .context("cannot start the I/O thread")?;
 
+    #[cfg(target_os = "linux")]
+    if let Some(acceptor) = acceptor {
+        let mut source = wfastcgi::acceptor::WorkerSource::new(&acceptor, &job_receiver, shutdown)?;
+        while let Some(job) = source.next_job() {
+            answer(job);
+        }
+    }
     for job in job_receiver.iter() {
         answer(job);
     }

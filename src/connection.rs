@@ -133,6 +133,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
+    /// For a connection whose request `request_id`, without FCGI_KEEP_CONN, is answered but
+    /// whose body is still arriving: drains the body, then closes.
+    pub fn closing_after_body_of(mut self, request_id: u16) -> Self {
+        self.draining = Some(request_id);
+        self.close_after_request = true;
+        self
+    }
+
     /// Serves requests until the web server closes the connection, a request without
     /// FCGI_KEEP_CONN is answered, or a shutdown finds the connection idle.
     pub async fn run(&mut self) -> Result<(), ConnectionError> {
@@ -194,7 +202,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             State::Running(_) => false,
             // The peer closed with a request half-sent: nothing more can arrive.
             State::ReadingParams { .. } => self.peer_closed,
-            State::Idle => self.peer_closed || (self.close_after_request && !self.lingering()),
+            // Closing with a body still arriving would reset the connection under a web
+            // server that is still writing it, and it might lose the response.
+            State::Idle => {
+                self.peer_closed
+                    || (self.close_after_request && !self.lingering() && self.draining.is_none())
+            }
         }
     }
 
@@ -388,6 +401,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         let State::Running(running) = &mut self.state else {
             if self.draining != Some(request_id) {
                 tracing::debug!(request_id, "FCGI_STDIN for no running request ignored");
+            } else if content.is_empty() {
+                self.draining = None;
             }
             return;
         };

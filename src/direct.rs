@@ -6,6 +6,9 @@
 //!
 //! It speaks the same protocol as `connection.rs` with the same pure codec; only the I/O model
 //! differs. Waiting for a request wakes every 200 ms so a shutdown (signal, restart) is noticed.
+//!
+//! On Linux the listening modes use it too, for a connection a worker accepted itself
+//! (`acceptor.rs`); such a connection is given back ("parked") once it has no request to serve.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -31,13 +34,38 @@ use crate::shutdown::Shutdown;
 const POLL: std::time::Duration = std::time::Duration::from_millis(200);
 const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
 
+/// FCGI_MAX_CONNS and FCGI_MAX_REQS, as GET_VALUES answers them.
+#[derive(Debug, Clone, Copy)]
+pub struct Advertised {
+    pub max_conns: usize,
+    pub max_reqs: usize,
+}
+
+/// IIS's stream: one connection, one request at a time.
+const IIS_STREAM: Advertised = Advertised {
+    max_conns: 1,
+    max_reqs: 1,
+};
+
 /// The socket, and what was read from it but not yet used.
 struct Wire {
-    socket: Socket,
+    /// Taken when the connection is parked: a request object the application kept past its
+    /// request then finds the connection gone instead of reading someone else's.
+    socket: Option<Socket>,
     buf: BytesMut,
     /// Records read while looking for an abort during a response; used before `buf`.
     pending: VecDeque<Record>,
     limits: ParamLimits,
+    advertised: Advertised,
+    /// The running request's empty STDIN record has been read.
+    body_ended: bool,
+}
+
+enum Soon {
+    Record(Record),
+    /// Nothing has arrived: park the connection.
+    Quiet,
+    End,
 }
 
 enum Filled {
@@ -70,23 +98,62 @@ impl Wire {
         }
     }
 
+    /// Like `next_record`, between requests on a connection that is parked rather than waited
+    /// on: waits one `POLL` (`wait`) or not at all for a request to start.
+    fn next_record_soon(
+        &mut self,
+        wait: bool,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Soon, ConnectionError> {
+        loop {
+            if let Some(record) = self.pending.pop_front() {
+                return Ok(Soon::Record(record));
+            }
+            if let Some(record) = RecordDecoder.decode(&mut self.buf)? {
+                return Ok(Soon::Record(record));
+            }
+            if !self.buf.is_empty() {
+                // Part of a record is here: the rest is on its way.
+                return Ok(self.next_record(stop)?.map_or(Soon::End, Soon::Record));
+            }
+            if stop() {
+                return Ok(Soon::End);
+            }
+            match self.fill(wait)? {
+                Filled::Data => {}
+                Filled::TimedOut => return Ok(Soon::Quiet),
+                Filled::End => return Ok(Soon::End),
+            }
+        }
+    }
+
+    /// Reads, without waiting, what is left of the last request's body; whether its end came.
+    fn drain_body_soon(&mut self, stop: &dyn Fn() -> bool) -> bool {
+        loop {
+            match self.next_record_soon(false, stop) {
+                Ok(Soon::Record(Record::Stdin { content, .. })) if content.is_empty() => {
+                    return true
+                }
+                Ok(Soon::Record(_)) => {}
+                Ok(Soon::Quiet) => return false,
+                Ok(Soon::End) | Err(_) => return true,
+            }
+        }
+    }
+
     /// Reads what is there. With `wait`, blocks until something arrives or the socket's
     /// receive time-out (`POLL`) passes; without, returns at once.
     fn fill(&mut self, wait: bool) -> io::Result<Filled> {
+        let Some(fd) = self.socket.as_ref().map(AsRawFd::as_raw_fd) else {
+            return Ok(Filled::End);
+        };
         self.buf.reserve(READ_CHUNK);
         let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         loop {
             let spare = self.buf.spare_capacity_mut();
             // SAFETY: recv(2) writes at most `spare.len()` bytes into the uninitialised spare
             // capacity, and only the bytes it reports are marked as initialised below.
-            let read = unsafe {
-                libc::recv(
-                    self.socket.as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    spare.len(),
-                    flags,
-                )
-            };
+            let read = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), flags) };
             match read {
                 0 => return Ok(Filled::End),
                 n if n > 0 => {
@@ -108,7 +175,10 @@ impl Wire {
     }
 
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        (&self.socket).write_all(data)
+        match &self.socket {
+            Some(socket) => (&*socket).write_all(data),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
     }
 
     /// Whether request `id` was aborted (or the web server left) since the last look, reading
@@ -149,7 +219,11 @@ impl Wire {
         match record {
             Record::GetValues { content } => {
                 let asked = protocol::decode_name_values(content, &self.limits).unwrap_or_default();
-                encode_values_answer(&mut reply, &asked, 1, 1);
+                let Advertised {
+                    max_conns,
+                    max_reqs,
+                } = self.advertised;
+                encode_values_answer(&mut reply, &asked, max_conns, max_reqs);
             }
             Record::Unknown { record_type, .. } => {
                 tracing::warn!(
@@ -184,44 +258,127 @@ fn lock(wire: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
     wire.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Reads requests from the IIS stream.
+/// When a connection is given back instead of waited on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parking {
+    /// IIS's stream: the process lives for it, so it is always waited on.
+    Never,
+    /// Just accepted: the request is on its way; wait one `POLL` for it.
+    FirstRequest,
+    /// Between requests on a kept connection: only a request already there is served.
+    NextRequest,
+    Parked,
+    /// Answered without FCGI_KEEP_CONN, its body still arriving: given back to be drained and
+    /// closed.
+    ParkedDraining,
+}
+
+/// A connection given back by a worker.
+pub struct ParkedConnection {
+    pub socket: Socket,
+    /// The answered request whose body is still arriving; the connection closes after it.
+    pub draining: Option<u16>,
+}
+
+/// Reads requests from the IIS stream, or from a connection a worker accepted.
 pub struct Driver {
     wire: Arc<Mutex<Wire>>,
     shutdown: Shutdown,
     /// The last request did not set FCGI_KEEP_CONN.
     close: bool,
+    parking: Parking,
+    /// The request served last.
+    request_id: u16,
 }
 
 impl Driver {
+    /// IIS's stream on fd 0.
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
         socket.set_nonblocking(false)?;
+        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never)
+    }
+
+    /// A connection just accepted from a listening socket (blocking, as accept(2) returns it
+    /// on Linux); given back by `into_parked` when it has no request to serve.
+    pub fn accepted(
+        socket: Socket,
+        shutdown: Shutdown,
+        advertised: Advertised,
+    ) -> io::Result<Driver> {
+        Driver::with(socket, shutdown, advertised, Parking::FirstRequest)
+    }
+
+    fn with(
+        socket: Socket,
+        shutdown: Shutdown,
+        advertised: Advertised,
+        parking: Parking,
+    ) -> io::Result<Driver> {
         socket.set_read_timeout(Some(POLL))?;
         Ok(Driver {
             wire: Arc::new(Mutex::new(Wire {
-                socket,
+                socket: Some(socket),
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 pending: VecDeque::new(),
                 limits: ParamLimits::default(),
+                advertised,
+                body_ended: false,
             })),
             shutdown,
             close: false,
+            parking,
+            request_id: 0,
         })
     }
 
+    /// The connection, if `next_job` ended because it had no request to serve (and it is
+    /// still open and between requests).
+    pub fn into_parked(self) -> Option<ParkedConnection> {
+        let draining = match self.parking {
+            Parking::Parked => None,
+            Parking::ParkedDraining => Some(self.request_id),
+            _ => return None,
+        };
+        let socket = lock(&self.wire).socket.take()?;
+        Some(ParkedConnection { socket, draining })
+    }
+
     /// The next request, once its parameters are complete; `None` when the stream ends, a
-    /// shutdown has started, or the stream breaks the protocol (logged).
+    /// shutdown has started, the stream breaks the protocol (logged), or (an accepted
+    /// connection) no request is arriving, which parks it.
     pub fn next_job(&mut self) -> Option<Job> {
-        if self.close {
-            return None;
-        }
         let mut wire = lock(&self.wire);
         let shutdown = &self.shutdown;
         let stop = || shutdown.reason().is_some();
+        if self.close {
+            // Closing with part of a body unread would reset the connection under a web
+            // server still writing it: the I/O thread takes it over and drains the rest.
+            if self.parking != Parking::Never && !wire.body_ended && !wire.drain_body_soon(&stop) {
+                self.parking = Parking::ParkedDraining;
+            }
+            return None;
+        }
         let mut request: Option<(u16, bool, ParamsBuilder)> = None;
         loop {
-            let record = match wire.next_record(&stop) {
-                Ok(Some(record)) => record,
-                Ok(None) => return None,
+            let wait_briefly = match self.parking {
+                _ if request.is_some() => None,
+                Parking::Never | Parking::Parked | Parking::ParkedDraining => None,
+                Parking::FirstRequest => Some(true),
+                Parking::NextRequest => Some(false),
+            };
+            let next = match wait_briefly {
+                Some(wait) => wire.next_record_soon(wait, &stop),
+                None => wire
+                    .next_record(&stop)
+                    .map(|record| record.map_or(Soon::End, Soon::Record)),
+            };
+            let record = match next {
+                Ok(Soon::Record(record)) => record,
+                Ok(Soon::Quiet) => {
+                    self.parking = Parking::Parked;
+                    return None;
+                }
+                Ok(Soon::End) => return None,
                 Err(e) => {
                     tracing::warn!("connection closed: {e}");
                     return None;
@@ -275,6 +432,11 @@ impl Driver {
                             }
                         };
                         self.close = !keep_conn;
+                        if self.parking == Parking::FirstRequest {
+                            self.parking = Parking::NextRequest;
+                        }
+                        wire.body_ended = false;
+                        self.request_id = request_id;
                         drop(wire);
                         return Some(self.job(request_id, params));
                     }
@@ -331,6 +493,14 @@ impl Driver {
     }
 }
 
+impl Drop for Driver {
+    /// Closes the connection now, even if the application still holds a request object
+    /// (which a reference cycle can keep alive until Python's next collection).
+    fn drop(&mut self) {
+        lock(&self.wire).socket.take();
+    }
+}
+
 /// `wsgi.input` read straight from the socket.
 struct DirectBody {
     wire: Arc<Mutex<Wire>>,
@@ -353,6 +523,7 @@ impl BodySource for DirectBody {
                 })) if request_id == self.request_id => {
                     if content.is_empty() {
                         self.done = true;
+                        wire.body_ended = true;
                         return Ok(None);
                     }
                     return Ok(Some(content));

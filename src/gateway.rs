@@ -159,6 +159,18 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     } else {
         (MAX_CONNECTIONS, MAX_CONNECTIONS)
     };
+    // On Linux idle workers accept connections themselves (acceptor.rs).
+    #[cfg(target_os = "linux")]
+    let (transport, jobs, acceptor) = crate::acceptor::share(
+        transport,
+        jobs,
+        allowed_peers.clone(),
+        crate::direct::Advertised {
+            max_conns,
+            max_reqs,
+        },
+    )
+    .context("cannot share the listening socket with the workers")?;
     let context = Arc::new(ServerContext {
         jobs,
         param_limits: ParamLimits::default(),
@@ -196,7 +208,14 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             .map_or(1, |config| threads(config, iis_stream));
         let (state, first_job) =
             start_site(site, first_job, &mut next, &options, &trigger, threads);
-        run_workers(&state, threads, first_job, &job_receiver);
+        let feed = Feed {
+            jobs: &job_receiver,
+            #[cfg(target_os = "linux")]
+            acceptor: acceptor.as_deref(),
+            #[cfg(target_os = "linux")]
+            shutdown: trigger.subscribe(),
+        };
+        run_workers(&state, threads, first_job, &feed);
     }
     let listener = server.join().unwrap_or_else(|_| {
         tracing::error!("the I/O thread panicked");
@@ -374,23 +393,45 @@ fn load(config: Result<AppConfig, String>, deployment: Deployment) -> AppState {
     }
 }
 
+/// Where the workers of the listening modes get their requests.
+struct Feed<'a> {
+    /// Requests the I/O thread read.
+    jobs: &'a crossbeam_channel::Receiver<Job>,
+    /// On Linux, connections the workers accept themselves.
+    #[cfg(target_os = "linux")]
+    acceptor: Option<&'a crate::acceptor::Acceptor>,
+    #[cfg(target_os = "linux")]
+    shutdown: shutdown::Shutdown,
+}
+
+impl Feed<'_> {
+    /// Serves requests until the job queue closes.
+    fn work(&self, state: &AppState, first_job: Option<Job>) {
+        #[cfg(target_os = "linux")]
+        if let Some(acceptor) = self.acceptor {
+            match crate::acceptor::WorkerSource::new(acceptor, self.jobs, self.shutdown.clone()) {
+                Ok(mut source) => return work(state, first_job, &mut || source.next_job()),
+                Err(e) => tracing::error!(
+                    "cannot wait for connections ({e}): this worker serves the queue only"
+                ),
+            }
+        }
+        work(state, first_job, &mut || self.jobs.recv().ok());
+    }
+}
+
 /// Runs `threads` workers (this thread is one of them) until the job queue closes.
-fn run_workers(
-    state: &AppState,
-    threads: usize,
-    first_job: Option<Job>,
-    jobs: &crossbeam_channel::Receiver<Job>,
-) {
+fn run_workers(state: &AppState, threads: usize, first_job: Option<Job>, feed: &Feed) {
     std::thread::scope(|scope| {
         for n in 1..threads {
             let spawned = std::thread::Builder::new()
                 .name(format!("wfastcgi-worker-{n}"))
-                .spawn_scoped(scope, move || work(state, None, &mut || jobs.recv().ok()));
+                .spawn_scoped(scope, move || feed.work(state, None));
             if let Err(e) = spawned {
                 tracing::error!("cannot start worker thread {n}: {e}");
             }
         }
-        work(state, first_job, &mut || jobs.recv().ok());
+        feed.work(state, first_job);
     });
 }
 

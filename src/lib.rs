@@ -1,5 +1,7 @@
 //! wfastcgi: a FastCGI-to-WSGI gateway that embeds CPython. See ARCHITECTURE.md.
 
+#[cfg(target_os = "linux")]
+pub mod acceptor;
 pub mod check;
 pub mod config;
 pub mod connection;

@@ -27,10 +27,25 @@ use crate::shutdown::{Reason, Shutdown, Trigger};
 pub enum Transport {
     Stream(Socket),
     Listener(Socket),
+    /// A listening socket the worker threads accept from too (`acceptor.rs`).
+    #[cfg(target_os = "linux")]
+    SharedListener(Socket, Handoff),
     /// IIS's named pipe on standard input.
     #[cfg(windows)]
     NamedPipe(std::os::windows::io::OwnedHandle),
 }
+
+/// What the I/O thread does for workers that accept connections themselves: it takes back the
+/// kept connections they park, and accepts for them when they are all stuck.
+#[cfg(target_os = "linux")]
+pub struct Handoff {
+    pub acceptor: Arc<crate::acceptor::Acceptor>,
+    pub parked: crate::acceptor::Parked,
+}
+
+/// How often the I/O thread looks whether every worker is stuck with connections waiting.
+#[cfg(target_os = "linux")]
+const OVERFLOW_TICK: Duration = Duration::from_millis(50);
 
 /// Why fd 0 cannot be served.
 #[derive(Debug)]
@@ -46,6 +61,8 @@ impl Transport {
         match self {
             Transport::Stream(_) => true,
             Transport::Listener(_) => false,
+            #[cfg(target_os = "linux")]
+            Transport::SharedListener(..) => false,
             #[cfg(windows)]
             Transport::NamedPipe(_) => true,
         }
@@ -168,7 +185,7 @@ pub async fn run(
     match transport {
         Transport::Stream(socket) => {
             match adopt_stream(socket) {
-                Ok(stream) => stream.serve(context, trigger.subscribe()).await,
+                Ok(stream) => stream.serve(context, trigger.subscribe(), None).await,
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
@@ -177,11 +194,17 @@ pub async fn run(
         #[cfg(windows)]
         Transport::NamedPipe(pipe) => {
             match crate::windows::adopt_pipe(pipe) {
-                Ok(pipe) => serve_connection(pipe, context, trigger.subscribe()).await,
+                Ok(pipe) => serve_connection(pipe, context, trigger.subscribe(), None).await,
                 Err(e) => tracing::error!("cannot use the IIS pipe: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
             None
+        }
+        #[cfg(target_os = "linux")]
+        Transport::SharedListener(socket, handoff) => {
+            let shutdown = trigger.subscribe();
+            let listener = overflow_loop(socket, handoff, context, shutdown.clone()).await;
+            (shutdown.reason() == Some(Reason::Restart)).then_some(listener)
         }
         Transport::Listener(socket) => {
             let shutdown = trigger.subscribe();
@@ -236,8 +259,8 @@ async fn accept_loop(
     context: Arc<ServerContext>,
     mut shutdown: Shutdown,
 ) -> io::Result<Socket> {
+    tracing::info!("listening on {}", describe(&socket));
     let listener = adopt_listener(socket)?;
-    tracing::info!("listening on {}", listener.describe());
     let mut connections = JoinSet::new();
     loop {
         // At FCGI_MAX_CONNS, the next connection waits in the backlog for one to finish.
@@ -255,7 +278,7 @@ async fn accept_loop(
                         tracing::warn!("connection from {peer} refused: not in FCGI_WEB_SERVER_ADDRS");
                         continue;
                     }
-                    connections.spawn(stream.serve(context.clone(), shutdown.clone()));
+                    connections.spawn(stream.serve(context.clone(), shutdown.clone(), None));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -272,6 +295,73 @@ async fn accept_loop(
     listener.into_socket()
 }
 
+/// The I/O thread's part when the workers accept (`acceptor.rs`): parked connections, and the
+/// connections that wait while every worker is stuck. Returns the listening socket.
+#[cfg(target_os = "linux")]
+async fn overflow_loop(
+    socket: Socket,
+    handoff: Handoff,
+    context: Arc<ServerContext>,
+    mut shutdown: Shutdown,
+) -> Socket {
+    tracing::info!("listening on {}", describe(&socket));
+    let Handoff {
+        acceptor,
+        mut parked,
+    } = handoff;
+    let connection_shutdown = shutdown.clone();
+    let serve = |connections: &mut JoinSet<()>, socket, draining| match adopt_stream(socket) {
+        Ok(stream) => {
+            let shutdown = connection_shutdown.clone();
+            connections.spawn(stream.serve(context.clone(), shutdown, draining));
+        }
+        Err(e) => tracing::warn!("cannot serve a connection: {e}"),
+    };
+    let mut connections = JoinSet::new();
+    let mut tick = tokio::time::interval(OVERFLOW_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut taken = 0;
+    loop {
+        tokio::select! {
+            Some(parked) = parked.recv() => {
+                // At FCGI_MAX_CONNS a quiet kept connection is closed; the web server reopens.
+                if connections.len() < context.max_conns || parked.draining.is_some() {
+                    serve(&mut connections, parked.socket, parked.draining);
+                }
+            }
+            _ = tick.tick() => {
+                if acceptor.stuck(&mut taken) {
+                    while connections.len() < context.max_conns {
+                        let Some(socket) = acceptor.accept() else { break };
+                        serve(&mut connections, socket, None);
+                    }
+                }
+            }
+            Some(_) = connections.join_next() => {}
+            _ = shutdown.started() => break,
+        }
+    }
+    acceptor.stop();
+    while connections.join_next().await.is_some() {}
+    socket
+}
+
+/// The address, for the log (a test reads the port of a `--bind 127.0.0.1:0` from it).
+fn describe(socket: &Socket) -> String {
+    let address = match socket.local_addr() {
+        Ok(address) => address,
+        Err(e) => return format!("an unknown address ({e})"),
+    };
+    if let Some(ip) = address.as_socket() {
+        return ip.to_string();
+    }
+    #[cfg(unix)]
+    if let Some(path) = address.as_pathname() {
+        return format!("unix:{}", path.display());
+    }
+    "an unnamed socket".into()
+}
+
 enum Listener {
     Tcp(tokio::net::TcpListener),
     #[cfg(unix)]
@@ -285,20 +375,6 @@ enum Stream {
 }
 
 impl Listener {
-    /// The address, for the log (a test reads the port of a `--bind 127.0.0.1:0` from it).
-    fn describe(&self) -> String {
-        let address = match self {
-            Listener::Tcp(listener) => listener.local_addr().map(|a| a.to_string()),
-            #[cfg(unix)]
-            Listener::Unix(listener) => listener.local_addr().map(|a| {
-                a.as_pathname().map_or("an unnamed socket".into(), |p| {
-                    format!("unix:{}", p.display())
-                })
-            }),
-        };
-        address.unwrap_or_else(|e| format!("an unknown address ({e})"))
-    }
-
     fn into_socket(self) -> io::Result<Socket> {
         Ok(match self {
             Listener::Tcp(listener) => Socket::from(listener.into_std()?),
@@ -330,11 +406,13 @@ impl Stream {
         (!allowed.contains(&peer)).then_some(peer)
     }
 
-    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown) {
+    /// Serves the connection; `draining` names an answered request whose body is still
+    /// arriving, after which it closes.
+    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown, draining: Option<u16>) {
         match self {
-            Stream::Tcp(stream) => serve_connection(stream, context, shutdown).await,
+            Stream::Tcp(stream) => serve_connection(stream, context, shutdown, draining).await,
             #[cfg(unix)]
-            Stream::Unix(stream) => serve_connection(stream, context, shutdown).await,
+            Stream::Unix(stream) => serve_connection(stream, context, shutdown, draining).await,
         }
     }
 }
@@ -343,8 +421,13 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     context: Arc<ServerContext>,
     shutdown: Shutdown,
+    draining: Option<u16>,
 ) {
-    if let Err(e) = Connection::new(stream, context, shutdown).run().await {
+    let mut connection = Connection::new(stream, context, shutdown);
+    if let Some(request_id) = draining {
+        connection = connection.closing_after_body_of(request_id);
+    }
+    if let Err(e) = connection.run().await {
         tracing::warn!("connection closed: {e}");
     }
 }

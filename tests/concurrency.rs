@@ -249,3 +249,67 @@ fn systemd_socket_activation() {
         "Hello, World!\n"
     );
 }
+
+/// Listening, an idle worker accepts connections itself; one with no request arriving is handed
+/// back to the I/O thread, so it cannot hold the only worker, and is still served later.
+#[test]
+fn a_quiet_connection_does_not_hold_the_only_worker() {
+    let app = AppDir::new("hello.app", &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
+    let params = app.iis_params("GET", "/");
+    let mut quiet = gateway.connect();
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    assert_eq!(gateway.connect().get(1, &params).status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the second connection waited {:?}",
+        started.elapsed()
+    );
+    // The quiet connection, now with the I/O thread, still takes requests, pauses between them
+    // included.
+    for request_id in 1..=3 {
+        assert_eq!(quiet.get(request_id, &params).status, 200);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Without FCGI_KEEP_CONN the connection closes after the response; a body the application did
+/// not read is drained first, so closing cannot reset the connection under the web server while
+/// it is still writing the body (it would lose the response).
+#[test]
+fn an_unread_body_does_not_cut_the_response() {
+    let app = AppDir::new("hello.app", &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
+    let Some(Address::Tcp(address)) = gateway.address.clone() else {
+        panic!("a TCP gateway");
+    };
+    let params = app.iis_params("POST", "/");
+    let body = bytes_of(8 << 20, 3);
+    for _ in 0..3 {
+        let stream = std::net::TcpStream::connect(address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut request = Send::new(1, &params).body(&body);
+        request.keep_conn = false;
+        let bytes = Client::<Conn>::encode(&request);
+        let mut writer = stream.try_clone().expect("clone");
+        // A pause mid-body: the worker finds nothing more to drain and hands the rest over.
+        let sender = std::thread::spawn(move || {
+            let (first, rest) = bytes.split_at(bytes.len() / 2);
+            std::io::Write::write_all(&mut writer, first)?;
+            std::thread::sleep(Duration::from_millis(300));
+            std::io::Write::write_all(&mut writer, rest)
+        });
+        let mut client = Client::new(Conn::Tcp(stream));
+        let response = client.read_response(1);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.text(), "Hello, World!\n");
+        sender
+            .join()
+            .expect("writer")
+            .expect("the whole body was taken");
+        assert!(client.is_closed(), "closed once the body was drained");
+    }
+}

@@ -1,0 +1,309 @@
+//! The listening modes on Linux: idle workers accept connections themselves.
+//!
+//! Through the tokio connection a request crosses two threads: the I/O thread reads it and
+//! queues a job, a worker runs it and hands the records back for the I/O thread to write. With
+//! one connection per request (nginx's default) those two hand-offs cost half the throughput
+//! (hello on a unix socket, pinned: the tokio path with a Rust responder did 31k req/s, a
+//! blocking accept-read-write loop 68k). So an idle worker waits on the listening socket itself
+//! and serves what it accepts with the blocking driver of the IIS stream (`direct.rs`): no thread
+//! hop between the socket and Python. The tokio side keeps what it is good at:
+//! - a kept connection (FCGI_KEEP_CONN) that goes quiet is parked there, under the idle timeout,
+//!   and its later requests come through the job queue;
+//! - when every worker has stayed busy for a tick, it accepts the waiting connections itself, so
+//!   they queue, or get the 503 of a full queue, as before.
+//!
+//! Each worker waits in its own epoll set. The listener and the job queue's eventfd are in every
+//! set with EPOLLEXCLUSIVE, so a new connection or job wakes one idle worker, not all of them
+//! (the thundering herd nginx avoids the same way); the stop eventfd wakes them all.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use rustix::event::{epoll, eventfd, EventfdFlags};
+use socket2::Socket;
+use tokio::sync::mpsc;
+
+use crate::direct::{Advertised, Driver, ParkedConnection};
+use crate::exchange::Job;
+use crate::server::{Handoff, Transport};
+use crate::shutdown::Shutdown;
+use crate::worker::JobQueue;
+
+/// What an epoll event is about.
+const LISTENER: u64 = 0;
+const JOBS: u64 = 1;
+const STOP: u64 = 2;
+const NUDGE: u64 = 3;
+
+/// An eventfd used as a counter of things to take (a semaphore) or as a flag.
+#[derive(Debug)]
+pub struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    fn new(flags: EventfdFlags) -> io::Result<Doorbell> {
+        Ok(Doorbell(eventfd(
+            0,
+            flags | EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
+        )?))
+    }
+
+    pub fn ring(&self) {
+        // Fails only when the counter would overflow u64: it is then rung enough.
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+
+    /// Takes one count (a semaphore) or all of them (a flag); false when there was none.
+    fn answer(&self) -> bool {
+        let mut count = [0u8; 8];
+        rustix::io::read(&self.0, &mut count).is_ok()
+    }
+}
+
+/// Shared by the workers and the I/O thread.
+pub struct Acceptor {
+    /// A duplicate of the listening socket, non-blocking.
+    listener: Socket,
+    /// Rung once for every job queued by the tokio side.
+    jobs_ready: Arc<Doorbell>,
+    stop: Doorbell,
+    /// Wakes one more worker when one woke to a connection and a job at once.
+    nudge: Doorbell,
+    idle_workers: AtomicUsize,
+    /// Work taken by workers so far, to tell a stuck pool from a busy one.
+    taken: AtomicU64,
+    parked: mpsc::UnboundedSender<ParkedConnection>,
+    allowed_peers: Option<Vec<std::net::IpAddr>>,
+    advertised: Advertised,
+}
+
+/// What the I/O thread receives: kept connections that went quiet.
+pub type Parked = mpsc::UnboundedReceiver<ParkedConnection>;
+
+/// Lets the workers accept from a listening transport. Returns the transport for the I/O thread
+/// to run, the job queue it submits to (now ringing the workers), and the acceptor the workers
+/// wait on; other transports come back as they are.
+pub fn share(
+    transport: Transport,
+    jobs: JobQueue,
+    allowed_peers: Option<Vec<std::net::IpAddr>>,
+    advertised: Advertised,
+) -> io::Result<(Transport, JobQueue, Option<Arc<Acceptor>>)> {
+    let Transport::Listener(socket) = transport else {
+        return Ok((transport, jobs, None));
+    };
+    let (acceptor, parked) = Acceptor::new(&socket, allowed_peers, advertised)?;
+    let jobs = jobs.ringing(acceptor.jobs_ready.clone());
+    let handoff = Handoff {
+        acceptor: acceptor.clone(),
+        parked,
+    };
+    Ok((
+        Transport::SharedListener(socket, handoff),
+        jobs,
+        Some(acceptor),
+    ))
+}
+
+/// What a worker is given.
+enum Work {
+    Job(Job),
+    Connection(Socket),
+    Stop,
+}
+
+impl Acceptor {
+    fn new(
+        listener: &Socket,
+        allowed_peers: Option<Vec<std::net::IpAddr>>,
+        advertised: Advertised,
+    ) -> io::Result<(Arc<Acceptor>, Parked)> {
+        let listener = listener.try_clone()?;
+        listener.set_nonblocking(true)?;
+        let (parked, parked_receiver) = mpsc::unbounded_channel();
+        let acceptor = Acceptor {
+            listener,
+            jobs_ready: Arc::new(Doorbell::new(EventfdFlags::SEMAPHORE)?),
+            stop: Doorbell::new(EventfdFlags::empty())?,
+            nudge: Doorbell::new(EventfdFlags::empty())?,
+            idle_workers: AtomicUsize::new(0),
+            taken: AtomicU64::new(0),
+            parked,
+            allowed_peers,
+            advertised,
+        };
+        Ok((Arc::new(acceptor), parked_receiver))
+    }
+
+    /// Takes a waiting connection, if there is one the allow-list lets in.
+    pub fn accept(&self) -> Option<Socket> {
+        loop {
+            let (socket, peer) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors and the like; the I/O thread's tick tries again.
+                    tracing::error!("accept failed: {e}");
+                    return None;
+                }
+            };
+            if let Some(peer) = peer.as_socket() {
+                let ip = peer.ip().to_canonical();
+                if let Some(false) = self.allowed_peers.as_ref().map(|a| a.contains(&ip)) {
+                    tracing::warn!("connection from {ip} refused: not in FCGI_WEB_SERVER_ADDRS");
+                    continue;
+                }
+                if let Err(e) = socket.set_tcp_nodelay(true) {
+                    tracing::warn!("cannot set TCP_NODELAY: {e}");
+                }
+            }
+            return Some(socket);
+        }
+    }
+
+    /// Whether every worker is busy and none has taken new work since the last call (which
+    /// saw `taken`): then waiting connections are the I/O thread's to queue or refuse.
+    pub fn stuck(&self, taken: &mut u64) -> bool {
+        let now = self.taken.load(Ordering::Acquire);
+        let stuck = self.idle_workers.load(Ordering::Acquire) == 0 && now == *taken;
+        *taken = now;
+        stuck
+    }
+
+    /// Wakes every worker to stop taking connections; they serve the queue until it closes.
+    pub fn stop(&self) {
+        self.stop.ring();
+    }
+
+    fn park(&self, connection: ParkedConnection) {
+        // After the shutdown the I/O thread is gone; the connection just closes.
+        let _ = self.parked.send(connection);
+    }
+}
+
+/// One worker's source of jobs: the connection it serves, else whatever wakes it first.
+pub struct WorkerSource<'a> {
+    acceptor: &'a Acceptor,
+    epoll: OwnedFd,
+    jobs: &'a Receiver<Job>,
+    shutdown: Shutdown,
+    connection: Option<Driver>,
+    stopping: bool,
+}
+
+impl<'a> WorkerSource<'a> {
+    pub fn new(
+        acceptor: &'a Acceptor,
+        jobs: &'a Receiver<Job>,
+        shutdown: Shutdown,
+    ) -> io::Result<WorkerSource<'a>> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let shared = epoll::EventFlags::IN | epoll::EventFlags::EXCLUSIVE;
+        epoll::add(&epoll, &acceptor.listener, data(LISTENER), shared)?;
+        epoll::add(&epoll, &acceptor.jobs_ready.0, data(JOBS), shared)?;
+        epoll::add(&epoll, &acceptor.nudge.0, data(NUDGE), shared)?;
+        epoll::add(&epoll, &acceptor.stop.0, data(STOP), epoll::EventFlags::IN)?;
+        Ok(WorkerSource {
+            acceptor,
+            epoll,
+            jobs,
+            shutdown,
+            connection: None,
+            stopping: false,
+        })
+    }
+
+    /// The next request for this worker; `None` once the shutdown has drained the queue.
+    pub fn next_job(&mut self) -> Option<Job> {
+        loop {
+            if let Some(driver) = &mut self.connection {
+                if let Some(job) = driver.next_job() {
+                    return Some(job);
+                }
+                if let Some(parked) = self.connection.take().and_then(Driver::into_parked) {
+                    self.acceptor.park(parked);
+                }
+            }
+            if self.stopping {
+                return self.jobs.recv().ok();
+            }
+            match self.wait() {
+                Work::Job(job) => return Some(job),
+                Work::Connection(socket) => {
+                    match Driver::accepted(socket, self.shutdown.clone(), self.acceptor.advertised)
+                    {
+                        Ok(driver) => self.connection = Some(driver),
+                        Err(e) => tracing::warn!("cannot serve an accepted connection: {e}"),
+                    }
+                }
+                Work::Stop => self.stopping = true,
+            }
+        }
+    }
+
+    fn wait(&mut self) -> Work {
+        let acceptor = self.acceptor;
+        acceptor.idle_workers.fetch_add(1, Ordering::AcqRel);
+        let work = loop {
+            let mut events = [epoll::Event {
+                flags: epoll::EventFlags::empty(),
+                data: data(0),
+            }; 4];
+            let ready = match epoll::wait(&self.epoll, &mut events, None) {
+                Ok(ready) => ready,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!("waiting for connections failed: {e}; serving the queue only");
+                    break Work::Stop;
+                }
+            };
+            let mut woken = [false; 4];
+            for event in &events[..ready] {
+                let key = event.data.u64();
+                if let Some(flag) = woken.get_mut(key as usize) {
+                    *flag = true;
+                }
+            }
+            let [listener, jobs, stop, nudge] = woken;
+            if stop {
+                break Work::Stop;
+            }
+            if nudge {
+                acceptor.nudge.answer();
+            }
+            let job = if jobs || nudge { self.try_job() } else { None };
+            let work = job.map(Work::Job).or_else(|| {
+                (listener || nudge)
+                    .then(|| acceptor.accept())
+                    .flatten()
+                    .map(Work::Connection)
+            });
+            if let Some(work) = work {
+                // Woken to two things, this worker takes one: another takes the other.
+                if listener && jobs {
+                    acceptor.nudge.ring();
+                }
+                break work;
+            }
+        };
+        acceptor.idle_workers.fetch_sub(1, Ordering::AcqRel);
+        acceptor.taken.fetch_add(1, Ordering::AcqRel);
+        work
+    }
+
+    /// A job the tokio side queued: its doorbell count first, so two workers never wait on
+    /// the queue for one job.
+    fn try_job(&self) -> Option<Job> {
+        if !self.acceptor.jobs_ready.answer() {
+            return None;
+        }
+        self.jobs.try_recv().ok()
+    }
+}
+
+fn data(key: u64) -> epoll::EventData {
+    epoll::EventData::new_u64(key)
+}
