@@ -99,12 +99,10 @@ impl Wire {
     }
 
     /// Like `next_record`, between requests on a connection that is parked rather than waited
-    /// on: waits one `POLL` (`wait`) or not at all for a request to start.
-    fn next_record_soon(
-        &mut self,
-        wait: bool,
-        stop: &dyn Fn() -> bool,
-    ) -> Result<Soon, ConnectionError> {
+    /// on: waits one `POLL` (`wait`) or not at all for a request to start. A shutdown does not
+    /// cut this short: a request already on its way is served, as the tokio connection lingers
+    /// for it.
+    fn next_record_soon(&mut self, wait: bool) -> Result<Soon, ConnectionError> {
         loop {
             if let Some(record) = self.pending.pop_front() {
                 return Ok(Soon::Record(record));
@@ -114,10 +112,7 @@ impl Wire {
             }
             if !self.buf.is_empty() {
                 // Part of a record is here: the rest is on its way.
-                return Ok(self.next_record(stop)?.map_or(Soon::End, Soon::Record));
-            }
-            if stop() {
-                return Ok(Soon::End);
+                return Ok(self.next_record(&|| false)?.map_or(Soon::End, Soon::Record));
             }
             match self.fill(wait)? {
                 Filled::Data => {}
@@ -128,9 +123,9 @@ impl Wire {
     }
 
     /// Reads, without waiting, what is left of the last request's body; whether its end came.
-    fn drain_body_soon(&mut self, stop: &dyn Fn() -> bool) -> bool {
+    fn drain_body_soon(&mut self) -> bool {
         loop {
-            match self.next_record_soon(false, stop) {
+            match self.next_record_soon(false) {
                 Ok(Soon::Record(Record::Stdin { content, .. })) if content.is_empty() => {
                     return true
                 }
@@ -349,11 +344,10 @@ impl Driver {
     pub fn next_job(&mut self) -> Option<Job> {
         let mut wire = lock(&self.wire);
         let shutdown = &self.shutdown;
-        let stop = || shutdown.reason().is_some();
         if self.close {
             // Closing with part of a body unread would reset the connection under a web
             // server still writing it: the I/O thread takes it over and drains the rest.
-            if self.parking != Parking::Never && !wire.body_ended && !wire.drain_body_soon(&stop) {
+            if self.parking != Parking::Never && !wire.body_ended && !wire.drain_body_soon() {
                 self.parking = Parking::ParkedDraining;
             }
             return None;
@@ -366,8 +360,11 @@ impl Driver {
                 Parking::FirstRequest => Some(true),
                 Parking::NextRequest => Some(false),
             };
+            // A shutdown stops the wait for a request, never one half received.
+            let started = request.is_some();
+            let stop = || !started && shutdown.reason().is_some();
             let next = match wait_briefly {
-                Some(wait) => wire.next_record_soon(wait, &stop),
+                Some(wait) => wire.next_record_soon(wait),
                 None => wire
                     .next_record(&stop)
                     .map(|record| record.map_or(Soon::End, Soon::Record)),
