@@ -147,7 +147,7 @@ pub fn routing(data: &[u8]) {
     let mut mount = None;
     for (i, value) in rest.split(|&b| b == 0).enumerate() {
         match NAMES.get(i) {
-            Some(name) => params.push(Bytes::from_static(name), Bytes::copy_from_slice(value)),
+            Some(name) => params.push(name, value),
             None => mount = Some(String::from_utf8_lossy(value).into_owned()),
         }
     }
@@ -158,11 +158,8 @@ pub fn routing(data: &[u8]) {
     let moved = routing::route(&params, &settings);
     if routing::is_iis(&params) && !settings.allow_path_info_for_script_mappings {
         let mut at_root = Params::default();
-        for (name, value) in params
-            .iter()
-            .filter(|(name, _)| &name[..] != b"APPL_MD_PATH")
-        {
-            at_root.push(name.clone(), value.clone());
+        for (name, value) in params.iter().filter(|(name, _)| *name != b"APPL_MD_PATH") {
+            at_root.push(name, value);
         }
         if !routing::is_iis(&at_root) {
             return; // APPL_MD_PATH was what made it IIS

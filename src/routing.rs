@@ -61,14 +61,14 @@ pub fn route(params: &Params, settings: &RouteSettings<'_>) -> Route {
 fn iis_route(params: &Params, settings: &RouteSettings<'_>) -> Route {
     let path_info = if let Some(raw) = params.get(b"UNENCODED_URL") {
         percent_decode(without_query(raw))
-    } else if let Some(original) = params.get(b"HTTP_X_ORIGINAL_URL") {
-        original.slice(..without_query(original).len())
+    } else if let Some(original) = params.value(b"HTTP_X_ORIGINAL_URL") {
+        original.slice(..without_query(&original).len())
     } else {
-        let path = params.get(b"PATH_INFO").cloned().unwrap_or_default();
+        let path = params.value(b"PATH_INFO").unwrap_or_default();
         path.slice(..without_query(&path).len())
     };
     if settings.allow_path_info_for_script_mappings {
-        let script_name = params.get(b"SCRIPT_NAME").cloned().unwrap_or_default();
+        let script_name = params.value(b"SCRIPT_NAME").unwrap_or_default();
         return Route {
             script_name,
             path_info,
@@ -85,15 +85,15 @@ fn iis_route(params: &Params, settings: &RouteSettings<'_>) -> Route {
 }
 
 fn cgi_route(params: &Params) -> Route {
-    if let Some(path_info) = params.get(b"PATH_INFO") {
+    if let Some(path_info) = params.value(b"PATH_INFO") {
         return Route {
-            script_name: params.get(b"SCRIPT_NAME").cloned().unwrap_or_default(),
-            path_info: path_info.clone(),
+            script_name: params.value(b"SCRIPT_NAME").unwrap_or_default(),
+            path_info,
         };
     }
     let path_info = match params.get(b"REQUEST_URI") {
         Some(uri) => percent_decode(without_query(uri)),
-        None => params.get(b"SCRIPT_NAME").cloned().unwrap_or_default(),
+        None => params.value(b"SCRIPT_NAME").unwrap_or_default(),
     };
     Route {
         script_name: Bytes::new(),
@@ -178,10 +178,7 @@ mod tests {
     fn params(pairs: &[(&str, &str)]) -> Params {
         let mut params = Params::default();
         for (name, value) in pairs {
-            params.push(
-                Bytes::copy_from_slice(name.as_bytes()),
-                Bytes::copy_from_slice(value.as_bytes()),
-            );
+            params.push(name.as_bytes(), value.as_bytes());
         }
         params
     }

@@ -139,18 +139,9 @@ fn get_values_unknown_type_and_unknown_role() {
         panic!("expected FCGI_GET_VALUES_RESULT");
     };
     let values = protocol::decode_name_values(&content, &Default::default()).expect("pairs");
-    assert_eq!(
-        values.get(b"FCGI_MAX_CONNS").map(|v| &v[..]),
-        Some(&b"1"[..])
-    );
-    assert_eq!(
-        values.get(b"FCGI_MAX_REQS").map(|v| &v[..]),
-        Some(&b"1"[..])
-    );
-    assert_eq!(
-        values.get(b"FCGI_MPXS_CONNS").map(|v| &v[..]),
-        Some(&b"0"[..])
-    );
+    assert_eq!(values.get(b"FCGI_MAX_CONNS"), Some(&b"1"[..]));
+    assert_eq!(values.get(b"FCGI_MAX_REQS"), Some(&b"1"[..]));
+    assert_eq!(values.get(b"FCGI_MPXS_CONNS"), Some(&b"0"[..]));
     assert_eq!(values.len(), 3, "unknown names are left out");
 
     let mut unknown = Vec::new();

@@ -14,7 +14,6 @@ mod streams;
 
 use std::ffi::c_char;
 
-use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString, PyTuple};
 use pyo3::{ffi, intern};
@@ -246,8 +245,7 @@ impl App {
         LAST_PARAMS.with_borrow_mut(|last| -> PyResult<()> {
             // nginx sends these empty for body-less requests; PEP 3333 wants them absent.
             let present = params.iter().filter(|(name, value)| {
-                !(value.is_empty()
-                    && (&name[..] == b"CONTENT_LENGTH" || &name[..] == b"CONTENT_TYPE"))
+                !(value.is_empty() && (*name == b"CONTENT_LENGTH" || *name == b"CONTENT_TYPE"))
             });
             for (index, (name, value)) in present.enumerate() {
                 let (name, value) = last.strings(py, index, name, value)?;
@@ -272,11 +270,8 @@ impl App {
             intern!(py, "wsgi.path_info"),
             PyBytes::new(py, &route.path_info),
         )?;
-        let query = params
-            .get(b"QUERY_STRING")
-            .cloned()
-            .unwrap_or_else(Bytes::new);
-        environ.set_item(intern!(py, "wsgi.query_string"), PyBytes::new(py, &query))?;
+        let query = params.get(b"QUERY_STRING").unwrap_or_default();
+        environ.set_item(intern!(py, "wsgi.query_string"), PyBytes::new(py, query))?;
         if let Some(original) = params.get(b"HTTP_X_ORIGINAL_URL") {
             environ.set_item(
                 intern!(py, "wfastcgi.http_x_original_url"),
@@ -316,10 +311,11 @@ struct LastParams {
     slots: Vec<Slot>,
 }
 
+/// Bytes are copied into the slot's own buffers (no reference into the request's records).
 struct Slot {
-    name: Bytes,
+    name: Vec<u8>,
     name_str: Py<PyString>,
-    value: Bytes,
+    value: Vec<u8>,
     value_str: Option<Py<PyString>>,
 }
 
@@ -332,8 +328,8 @@ impl LastParams {
         &mut self,
         py: Python<'py>,
         index: usize,
-        name: &Bytes,
-        value: &Bytes,
+        name: &[u8],
+        value: &[u8],
     ) -> PyResult<(Bound<'py, PyString>, Bound<'py, PyString>)> {
         // Slots fill in order; anything beyond them is made fresh.
         if index >= SLOTS || index > self.slots.len() {
@@ -345,9 +341,9 @@ impl LastParams {
                 None => latin1(py, name)?,
             };
             let slot = Slot {
-                name: name.clone(),
+                name: name.to_vec(),
                 name_str: name_str.unbind(),
-                value: Bytes::new(),
+                value: Vec::new(),
                 value_str: None,
             };
             self.slots.truncate(index);
@@ -359,7 +355,8 @@ impl LastParams {
             _ => {
                 let fresh = latin1(py, value)?;
                 if value.len() <= CACHED_VALUE {
-                    slot.value = value.clone();
+                    slot.value.clear();
+                    slot.value.extend_from_slice(value);
                     slot.value_str = Some(fresh.clone().unbind());
                 }
                 fresh
