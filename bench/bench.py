@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import socket as socketlib
 import statistics
 import subprocess
 import sys
@@ -31,20 +32,40 @@ class Server:
     """One server under test.
 
     `spawn` servers get requests on fd 0 from the driver (IIS's way); `connect` servers listen
-    on a Unix socket, and the driver makes one connection per request (nginx's default; uWSGI
-    closes the connection after each response anyway). Unix sockets for all of them: no Nagle
-    delays (flup sets no TCP_NODELAY) and the same kind of socket as the spawn mode's socketpair.
+    on a Unix socket (or, `tcp`, on 127.0.0.1), and the driver makes one connection per request
+    (nginx's default; uWSGI closes the connection after each response anyway). Unix sockets for
+    most: no Nagle delays (flup sets no TCP_NODELAY) and the same kind of socket as the spawn
+    mode's socketpair; the TCP rows are the issue's "bound TCP socket, both sides the same".
     """
 
-    def __init__(self, name, mode, pair, command):
+    def __init__(self, name, mode, pair, command, tcp=False):
         self.name = name
         self.mode = mode  # "spawn" or "connect"
         # Whose row the "ours / peer" ratios of this row compare with (None: this is ours).
         self.pair = pair
-        self._command = command  # (paths, app_dir, socket) -> (argv, extra environment)
+        # (paths, app_dir, address) -> (argv, extra environment); address is `unix:/path` or
+        # `127.0.0.1:PORT`.
+        self._command = command
+        self.tcp = tcp
 
-    def command(self, paths, app_dir, socket=None):
-        return self._command(paths, app_dir, socket)
+    def command(self, paths, app_dir, address=None):
+        return self._command(paths, app_dir, address)
+
+
+def unix_path(address):
+    """uWSGI and flup take a socket path without the `unix:` of `--bind`."""
+    return address[len("unix:"):] if address.startswith("unix:") else address
+
+
+def ours_listening(p, app, address):
+    return ([p.gateway, "serve", "--bind", address, "--app-dir", app, "--venv", p.venv,
+             "--threads", "1"], {})
+
+
+def uwsgi(p, app, address):
+    return ([p.uwsgi, "--fastcgi-socket", unix_path(address), "--wsgi-file",
+             os.path.join(p.peers, "uwsgi_app.py"), "--home", p.venv, "--disable-logging"],
+            {"BENCH_APP_DIR": app})
 
 
 def servers():
@@ -68,36 +89,27 @@ def servers():
             "floor (Rust, no Python), unix",
             "connect",
             "ours-unix",
-            lambda p, app, sock: ([p.floor, "--bind", "unix:" + sock], {}),
+            lambda p, app, address: ([p.floor, "--bind", address], {}),
         ),
-        "ours-unix": Server(
-            "wfastcgi serve, unix",
-            "connect",
-            None,
-            lambda p, app, sock: (
-                [p.gateway, "serve", "--bind", "unix:" + sock, "--app-dir", app,
-                 "--venv", p.venv, "--threads", "1"],
-                {},
-            ),
-        ),
+        "ours-unix": Server("wfastcgi serve, unix", "connect", None, ours_listening),
         "flup": Server(
             "flup (threaded), unix",
             "connect",
             "ours-unix",
-            lambda p, app, sock: (
-                [p.python, os.path.join(p.peers, "flup_server.py"), app, sock], {}
+            lambda p, app, address: (
+                [p.python, os.path.join(p.peers, "flup_server.py"), app, unix_path(address)], {}
             ),
         ),
-        "uwsgi": Server(
-            "uWSGI (1 process), unix",
+        "uwsgi": Server("uWSGI (1 process), unix", "connect", "ours-unix", uwsgi),
+        "floor-tcp": Server(
+            "floor (Rust, no Python), TCP",
             "connect",
-            "ours-unix",
-            lambda p, app, sock: (
-                [p.uwsgi, "--fastcgi-socket", sock, "--wsgi-file",
-                 os.path.join(p.peers, "uwsgi_app.py"), "--home", p.venv, "--disable-logging"],
-                {"BENCH_APP_DIR": app},
-            ),
+            "ours-tcp",
+            lambda p, app, address: ([p.floor, "--bind", address], {}),
+            tcp=True,
         ),
+        "ours-tcp": Server("wfastcgi serve, TCP", "connect", None, ours_listening, tcp=True),
+        "uwsgi-tcp": Server("uWSGI (1 process), TCP", "connect", "ours-tcp", uwsgi, tcp=True),
     }
 
 
@@ -155,7 +167,8 @@ def scenarios(opts):
         Scenario("hello", "hello GET (query string)", "hello",
                  ["--path", "/hello", "--query", "name=world", "--check", "hello",
                   "--expect-length", "14"] + timed,
-                 ["floor", "ours", "wfastcgi.py", "floor-unix", "ours-unix", "flup", "uwsgi"],
+                 ["floor", "ours", "wfastcgi.py", "floor-unix", "ours-unix", "flup", "uwsgi",
+                  "floor-tcp", "ours-tcp", "uwsgi-tcp"],
                  "rps"),
         Scenario("hello-2", "hello GET, 2 processes", "hello",
                  ["--path", "/hello", "--query", "name=world", "--check", "hello"] + timed,
@@ -210,6 +223,13 @@ class Paths:
         self.apps = os.path.join(self.root, "bench", "apps")
 
 
+def free_port():
+    """A port nothing listens on now (the server binds it a moment later)."""
+    with socketlib.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def stop(process, timeout=10):
     """SIGINT (uWSGI's and flup's way to stop; the gateway takes it too), then SIGKILL."""
     if process.poll() is None:
@@ -241,17 +261,21 @@ def run_one(paths, scenario, key, server, opts, workdir, log):
         args += ["spawn"] + common + ["--processes", str(scenario.processes), "--"] + argv
         env = dict(os.environ, **extra)
     else:
-        socket = os.path.join(workdir, "%s.sock" % key)
-        if os.path.exists(socket):
-            os.unlink(socket)
-        argv, extra = server.command(paths, app_dir, socket)
+        if server.tcp:
+            address = "127.0.0.1:%d" % free_port()
+        else:
+            socket = os.path.join(workdir, "%s.sock" % key)
+            if os.path.exists(socket):
+                os.unlink(socket)
+            address = "unix:" + socket
+        argv, extra = server.command(paths, app_dir, address)
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             env=dict(os.environ, **extra), cwd=app_dir,
             # Before exec, so every thread the server starts inherits it.
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
-        args += ["connect"] + common + ["--addr", "unix:" + socket, "--per-request",
+        args += ["connect"] + common + ["--addr", address, "--per-request",
                                         "--pid", str(process.pid)]
         env = dict(os.environ)
     try:
@@ -436,13 +460,15 @@ def report(paths, opts, results, table_servers, scenario_list, cost_ns, started)
     lines.append("")
     lines.append(
         "Ratios: the gateway's row over this row, in the same transport (fd 0 rows against "
-        "`wfastcgi (fd 0)`, unix rows against `wfastcgi serve, unix`); throughput is req/s, or "
+        "`wfastcgi (fd 0)`, unix rows against `wfastcgi serve, unix`, TCP rows against "
+        "`wfastcgi serve, TCP`); throughput is req/s, or "
         "MiB/s for the transfer scenarios. Above 1× the gateway is faster; for RSS, below 1× "
         "it uses less. Spread: (largest − smallest) / median of that throughput over the rounds."
     )
     cost_lines = []
     for floor_key, ours_key, how in (("floor", "ours", "over fd 0"),
-                                     ("floor-unix", "ours-unix", "on a unix socket")):
+                                     ("floor-unix", "ours-unix", "on a unix socket"),
+                                     ("floor-tcp", "ours-tcp", "on TCP")):
         floor = results.get(("hello", floor_key))
         ours = results.get(("hello", ours_key))
         if not (floor and ours and floor["p50_ms"] and ours["p50_ms"] and cost_ns):
@@ -470,7 +496,8 @@ def report(paths, opts, results, table_servers, scenario_list, cost_ns, started)
         lines.append(
             "The floor (examples/native_responder.rs) is the gateway's own transport code with "
             "a Rust responder instead of Python: over fd 0 the same `direct.rs` driver, on a "
-            "unix socket the same tokio connection and job queue."
+            "listening socket the same acceptor (`acceptor.rs`: the worker accepts and serves "
+            "with that driver) and, behind it, the same tokio connection and job queue."
         )
     if notes:
         lines.append("")

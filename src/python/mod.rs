@@ -295,7 +295,9 @@ impl App {
             (intern!(py, "SERVER_PORT"), "80"),
             (intern!(py, "SERVER_PROTOCOL"), "HTTP/1.0"),
         ] {
-            environ.call_method1(intern!(py, "setdefault"), (key, default))?;
+            if !environ.contains(key)? {
+                environ.set_item(key, default)?;
+            }
         }
         environ.set_item(intern!(py, "wsgi.input"), input)?;
         Ok(environ)

@@ -214,7 +214,17 @@ pub fn run(
 ) -> Result<(), Failure> {
     let iterable = handler.call1((environ, responder))?;
     let sent = send_iterable(py, &iterable, responder);
-    let closed = match iterable.getattr_opt(pyo3::intern!(py, "close"))? {
+    // A plain list or tuple has no `close`; not asking saves building the AttributeError
+    // that Python < 3.13 raises inside the lookup (measured: about a tenth of hello's cost
+    // in the bridge).
+    let plain =
+        iterable.is_exact_instance_of::<PyList>() || iterable.is_exact_instance_of::<PyTuple>();
+    let close = if plain {
+        None
+    } else {
+        iterable.getattr_opt(pyo3::intern!(py, "close"))?
+    };
+    let closed = match close {
         Some(close) => close.call0().map(drop).map_err(Failure::from),
         None => Ok(()),
     };
