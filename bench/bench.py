@@ -386,11 +386,11 @@ def versions(paths):
     return done.stdout.strip()
 
 
-def app_cost_ns(paths):
+def app_cost_ns(paths, app="hello", extra=()):
     done = subprocess.run(
         [paths.python, os.path.join(paths.peers, "app_cost.py"),
-         os.path.join(paths.apps, "hello")],
-        stdout=subprocess.PIPE, text=True,
+         os.path.join(paths.apps, app)] + list(extra),
+        stdout=subprocess.PIPE, text=True, cwd=os.path.join(paths.apps, app),
     )
     try:
         return json.loads(done.stdout)["ns_per_call"]
@@ -398,7 +398,7 @@ def app_cost_ns(paths):
         return None
 
 
-def report(paths, opts, results, table_servers, scenario_list, cost_ns, started):
+def report(paths, opts, results, table_servers, scenario_list, cost_ns, started, app_costs):
     lines = []
     lines.append("Command: `%s`  " % opts.command)
     lines.append("Machine: %s  " % machine())
@@ -499,6 +499,29 @@ def report(paths, opts, results, table_servers, scenario_list, cost_ns, started)
             "listening socket the same acceptor (`acceptor.rs`: the worker accepts and serves "
             "with that driver) and, behind it, the same tokio connection and job queue."
         )
+    bound_lines = []
+    for scenario in scenario_list:
+        app_ns = app_costs.get(scenario.key)
+        peer = results.get((scenario.key, "wfastcgi.py"))
+        ours = results.get((scenario.key, "ours"))
+        if not (app_ns and peer and peer["rps"] and ours and ours["rps"]):
+            continue
+        peer_us = 1e6 / peer["rps"]
+        bound_lines.append(
+            "- %s: the app alone %.0f µs per call; wfastcgi.py %.0f µs per request, the gateway "
+            "(fd 0) %.0f µs; so even a server that cost nothing could be at most **%.2f×** "
+            "wfastcgi.py here (the gateway: %.2f×)."
+            % (scenario.title, app_ns / 1000, peer_us, 1e6 / ours["rps"],
+               peer_us / (app_ns / 1000), ours["rps"] / peer["rps"])
+        )
+    if bound_lines:
+        lines.append("")
+        lines.append(
+            "What the application alone costs (the same app called in a Python loop with a "
+            "minimal environ, `bench/peers/app_cost.py`), against the time per request (1 / req/s):"
+        )
+        lines.append("")
+        lines.extend(bound_lines)
     if notes:
         lines.append("")
         lines.append("Notes and failures:")
@@ -596,8 +619,14 @@ def main():
                           f, indent=1)
     print("computing the app's own cost (python timeit)...", file=sys.stderr, flush=True)
     cost = app_cost_ns(paths)
+    # The scenarios the gateway's time is mostly the application's: what the app alone costs
+    # bounds the ratio any server can reach against wfastcgi.py.
+    app_costs = {
+        "django": app_cost_ns(paths, "django", ["--path", "/"]),
+        "echo-1m": app_cost_ns(paths, "echo", ["--path", "/echo", "--body-bytes", str(MIB)]),
+    }
     results = {key: summarize(runs) for key, runs in raw.items()}
-    text = report(paths, opts, results, table_servers, scenario_list, cost, started)
+    text = report(paths, opts, results, table_servers, scenario_list, cost, started, app_costs)
     with open(opts.output, "w") as f:
         f.write(text)
     print(text)

@@ -1,9 +1,10 @@
-"""What calling the hello app costs in a plain Python loop, with a minimal environ: the part of a
+"""What calling a bench app costs in a plain Python loop, with a minimal environ: the part of a
 request no FastCGI server can avoid. Prints {"ns_per_call": ...} (the best of several repeats).
 
-    python app_cost.py APP_DIR
+    python app_cost.py APP_DIR [--path /] [--body-bytes N]
 """
 
+import argparse
 import io
 import json
 import os
@@ -16,11 +17,18 @@ import wsgi_loader  # noqa: E402
 
 
 def main():
-    app = wsgi_loader.load(sys.argv[1])
+    parser = argparse.ArgumentParser()
+    parser.add_argument("app_dir")
+    parser.add_argument("--path", default="/")
+    parser.add_argument("--body-bytes", type=int, default=0)
+    args = parser.parse_args()
+    app = wsgi_loader.load(args.app_dir)
+    body = b"x" * args.body_bytes
     environ = {
-        "REQUEST_METHOD": "GET",
+        "REQUEST_METHOD": "POST" if body else "GET",
         "SCRIPT_NAME": "",
-        "PATH_INFO": "/",
+        "PATH_INFO": args.path,
+        "HTTP_HOST": "localhost",
         "QUERY_STRING": "",
         "SERVER_NAME": "localhost",
         "SERVER_PORT": "80",
@@ -39,7 +47,10 @@ def main():
 
     def request():
         # What any server does with the result: iterate it, then close it if it can be.
-        result = app(environ, start_response)
+        if body:
+            environ["wsgi.input"] = io.BytesIO(body)
+            environ["CONTENT_LENGTH"] = str(len(body))
+        result = app(dict(environ), start_response)
         try:
             for _ in result:
                 pass
