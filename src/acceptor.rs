@@ -7,8 +7,9 @@
 //! blocking accept-read-write loop 68k). So an idle worker waits on the listening socket itself
 //! and serves what it accepts with the blocking driver of the IIS stream (`direct.rs`): no thread
 //! hop between the socket and Python. The tokio side keeps what it is good at:
-//! - a kept connection (FCGI_KEEP_CONN) that goes quiet is parked there, under the idle timeout,
-//!   and its later requests come through the job queue;
+//! - a kept connection (FCGI_KEEP_CONN) that goes quiet is parked there, under the idle timeout;
+//!   when its next request starts arriving it is given back to an idle worker ("resumed"), or,
+//!   with every worker busy, served there through the job queue;
 //! - when every worker has stayed busy for a tick, it accepts the waiting connections itself, so
 //!   they queue, or get the 503 of a full queue, as before.
 //!
@@ -21,7 +22,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use rustix::event::{epoll, eventfd, EventfdFlags};
 use socket2::Socket;
 use tokio::sync::mpsc;
@@ -66,8 +67,10 @@ impl Doorbell {
 pub struct Acceptor {
     /// A duplicate of the listening socket, non-blocking.
     listener: Socket,
-    /// Rung once for every job queued by the tokio side.
+    /// Rung once for every job queued by the tokio side, and for every resumed connection.
     jobs_ready: Arc<Doorbell>,
+    /// Parked connections whose next request is arriving, for the next idle worker.
+    resumed: (Sender<Socket>, Receiver<Socket>),
     stop: Doorbell,
     /// Wakes one more worker when one woke to a connection and a job at once.
     nudge: Doorbell,
@@ -126,6 +129,7 @@ impl Acceptor {
         let acceptor = Acceptor {
             listener,
             jobs_ready: Arc::new(Doorbell::new(EventfdFlags::SEMAPHORE)?),
+            resumed: crossbeam_channel::unbounded(),
             stop: Doorbell::new(EventfdFlags::empty())?,
             nudge: Doorbell::new(EventfdFlags::empty())?,
             idle_workers: AtomicUsize::new(0),
@@ -178,6 +182,18 @@ impl Acceptor {
         self.stop.ring();
     }
 
+    /// Whether a worker waits for work now.
+    pub fn has_idle_worker(&self) -> bool {
+        self.idle_workers.load(Ordering::Acquire) > 0
+    }
+
+    /// Gives a parked connection whose next request is arriving back to a worker.
+    pub fn resume(&self, socket: Socket) {
+        // The receiver lives as long as the acceptor.
+        let _ = self.resumed.0.send(socket);
+        self.jobs_ready.ring();
+    }
+
     fn park(&self, connection: ParkedConnection) {
         // After the shutdown the I/O thread is gone; the connection just closes.
         let _ = self.parked.send(connection);
@@ -227,10 +243,12 @@ impl<'a> WorkerSource<'a> {
                     self.acceptor.park(parked);
                 }
             }
-            if self.stopping {
-                return self.jobs.recv().ok();
-            }
-            match self.wait() {
+            let work = if self.stopping {
+                self.drain()
+            } else {
+                self.wait()
+            };
+            match work {
                 Work::Job(job) => return Some(job),
                 Work::Connection(socket) => {
                     match Driver::accepted(socket, self.shutdown.clone(), self.acceptor.advertised)
@@ -239,6 +257,7 @@ impl<'a> WorkerSource<'a> {
                         Err(e) => tracing::warn!("cannot serve an accepted connection: {e}"),
                     }
                 }
+                Work::Stop if self.stopping => return None,
                 Work::Stop => self.stopping = true,
             }
         }
@@ -274,8 +293,8 @@ impl<'a> WorkerSource<'a> {
             if nudge {
                 acceptor.nudge.answer();
             }
-            let job = if jobs || nudge { self.try_job() } else { None };
-            let work = job.map(Work::Job).or_else(|| {
+            let queued = if jobs || nudge { self.try_queued() } else { None };
+            let work = queued.or_else(|| {
                 (listener || nudge)
                     .then(|| acceptor.accept())
                     .flatten()
@@ -294,13 +313,37 @@ impl<'a> WorkerSource<'a> {
         work
     }
 
-    /// A job the tokio side queued: its doorbell count first, so two workers never wait on
-    /// the queue for one job.
-    fn try_job(&self) -> Option<Job> {
+    /// A job the tokio side queued, or a connection it resumed: the doorbell's count first, so
+    /// two workers never wait on the queues for one of them.
+    fn try_queued(&self) -> Option<Work> {
         if !self.acceptor.jobs_ready.answer() {
             return None;
         }
-        self.jobs.try_recv().ok()
+        self.try_resumed().or_else(|| self.jobs.try_recv().ok().map(Work::Job))
+    }
+
+    fn try_resumed(&self) -> Option<Work> {
+        let socket = self.acceptor.resumed.1.try_recv().ok()?;
+        // tokio made it non-blocking; the driver reads with blocking calls.
+        match socket.set_nonblocking(false) {
+            Ok(()) => Some(Work::Connection(socket)),
+            Err(e) => {
+                tracing::warn!("cannot serve a resumed connection: {e}");
+                None
+            }
+        }
+    }
+
+    /// After the stop: the queue until it closes (when the I/O thread has ended, so nothing
+    /// is resumed any more), connections resumed just before the stop included.
+    fn drain(&self) -> Work {
+        if let Some(work) = self.try_resumed() {
+            return work;
+        }
+        match self.jobs.recv() {
+            Ok(job) => Work::Job(job),
+            Err(_) => self.try_resumed().unwrap_or(Work::Stop),
+        }
     }
 }
 

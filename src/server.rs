@@ -317,6 +317,14 @@ async fn overflow_loop(
         }
         Err(e) => tracing::warn!("cannot serve a connection: {e}"),
     };
+    let park = |connections: &mut JoinSet<()>, socket| match adopt_stream(socket) {
+        Ok(stream) => {
+            let (acceptor, context) = (acceptor.clone(), context.clone());
+            let shutdown = connection_shutdown.clone();
+            connections.spawn(stream.wait_for_request(acceptor, context, shutdown));
+        }
+        Err(e) => tracing::warn!("cannot park a connection: {e}"),
+    };
     let mut connections = JoinSet::new();
     let mut tick = tokio::time::interval(OVERFLOW_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -325,8 +333,12 @@ async fn overflow_loop(
         tokio::select! {
             Some(parked) = parked.recv() => {
                 // At FCGI_MAX_CONNS a quiet kept connection is closed; the web server reopens.
-                if connections.len() < context.max_conns || parked.draining.is_some() {
-                    serve(&mut connections, parked.socket, parked.draining);
+                match parked.draining {
+                    Some(_) => serve(&mut connections, parked.socket, parked.draining),
+                    None if connections.len() < context.max_conns => {
+                        park(&mut connections, parked.socket);
+                    }
+                    None => {}
                 }
             }
             _ = tick.tick() => {
@@ -404,6 +416,58 @@ impl Stream {
         };
         let peer = stream.peer_addr().ok()?.ip().to_canonical();
         (!allowed.contains(&peer)).then_some(peer)
+    }
+
+    /// A kept connection a worker parked: waits, under the idle timeout, until its next request
+    /// starts arriving, then gives it back to an idle worker (no thread hop for the request),
+    /// or, with every worker busy, serves it here through the job queue.
+    #[cfg(target_os = "linux")]
+    async fn wait_for_request(
+        self,
+        acceptor: Arc<crate::acceptor::Acceptor>,
+        context: Arc<ServerContext>,
+        mut shutdown: Shutdown,
+    ) {
+        let idle_timeout = context.idle_timeout;
+        let idle = async {
+            match idle_timeout {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        let arriving = tokio::select! {
+            ready = self.readable() => ready.is_ok(),
+            () = idle => {
+                tracing::info!("connection idle for {:?}: closed", idle_timeout.unwrap_or_default());
+                return;
+            }
+            // The connection lingers for a request already on its way, then closes.
+            _ = shutdown.started() => false,
+        };
+        if arriving && acceptor.has_idle_worker() {
+            match self.into_socket() {
+                Ok(socket) => acceptor.resume(socket),
+                Err(e) => tracing::warn!("connection closed: {e}"),
+            }
+            return;
+        }
+        self.serve(context, shutdown, None).await
+    }
+
+    #[cfg(target_os = "linux")]
+    async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(stream) => stream.readable().await,
+            Stream::Unix(stream) => stream.readable().await,
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn into_socket(self) -> io::Result<Socket> {
+        Ok(match self {
+            Stream::Tcp(stream) => Socket::from(stream.into_std()?),
+            Stream::Unix(stream) => Socket::from(stream.into_std()?),
+        })
     }
 
     /// Serves the connection; `draining` names an answered request whose body is still
