@@ -293,7 +293,11 @@ impl<'a> WorkerSource<'a> {
             if nudge {
                 acceptor.nudge.answer();
             }
-            let queued = if jobs || nudge { self.try_queued() } else { None };
+            let queued = if jobs || nudge {
+                self.try_queued()
+            } else {
+                None
+            };
             let work = queued.or_else(|| {
                 (listener || nudge)
                     .then(|| acceptor.accept())
@@ -319,7 +323,8 @@ impl<'a> WorkerSource<'a> {
         if !self.acceptor.jobs_ready.answer() {
             return None;
         }
-        self.try_resumed().or_else(|| self.jobs.try_recv().ok().map(Work::Job))
+        self.try_resumed()
+            .or_else(|| self.jobs.try_recv().ok().map(Work::Job))
     }
 
     fn try_resumed(&self) -> Option<Work> {
