@@ -33,6 +33,9 @@ use crate::server::{Handoff, Transport};
 use crate::shutdown::Shutdown;
 use crate::worker::JobQueue;
 
+/// How long a worker waits after a failed accept (out of descriptors) before trying again.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What an epoll event is about.
 const LISTENER: u64 = 0;
 const JOBS: u64 = 1;
@@ -141,17 +144,25 @@ impl Acceptor {
         Ok((Arc::new(acceptor), parked_receiver))
     }
 
-    /// Takes a waiting connection, if there is one the allow-list lets in.
-    pub fn accept(&self) -> Option<Socket> {
+    /// Takes a waiting connection, if there is one the allow-list lets in. An error (out of
+    /// file descriptors, say) is logged and returned: the listener stays readable, so the
+    /// caller must wait before trying again, or it would spin.
+    pub fn accept(&self) -> io::Result<Option<Socket>> {
         loop {
             let (socket, peer) = match self.listener.accept() {
                 Ok(accepted) => accepted,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => {
-                    // Out of descriptors and the like; the I/O thread's tick tries again.
                     tracing::error!("accept failed: {e}");
-                    return None;
+                    return Err(e);
                 }
             };
             if let Some(peer) = peer.as_socket() {
@@ -164,7 +175,7 @@ impl Acceptor {
                     tracing::warn!("cannot set TCP_NODELAY: {e}");
                 }
             }
-            return Some(socket);
+            return Ok(Some(socket));
         }
     }
 
@@ -182,6 +193,12 @@ impl Acceptor {
         self.stop.ring();
     }
 
+    /// Stops the workers' accepting when dropped, however the I/O thread ends (a panic
+    /// included): otherwise they would wait in epoll for ever.
+    pub fn stop_on_drop(self: &Arc<Self>) -> StopOnDrop {
+        StopOnDrop(self.clone())
+    }
+
     /// Whether a worker waits for work now.
     pub fn has_idle_worker(&self) -> bool {
         self.idle_workers.load(Ordering::Acquire) > 0
@@ -197,6 +214,14 @@ impl Acceptor {
     fn park(&self, connection: ParkedConnection) {
         // After the shutdown the I/O thread is gone; the connection just closes.
         let _ = self.parked.send(connection);
+    }
+}
+
+pub struct StopOnDrop(Arc<Acceptor>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
     }
 }
 
@@ -298,15 +323,27 @@ impl<'a> WorkerSource<'a> {
             } else {
                 None
             };
-            let work = queued.or_else(|| {
-                (listener || nudge)
-                    .then(|| acceptor.accept())
-                    .flatten()
-                    .map(Work::Connection)
-            });
+            let took_queued = queued.is_some();
+            let work = match queued {
+                Some(work) => Some(work),
+                None if listener || nudge => match acceptor.accept() {
+                    Ok(socket) => socket.map(Work::Connection),
+                    Err(_) => {
+                        std::thread::sleep(ACCEPT_RETRY);
+                        None
+                    }
+                },
+                None => None,
+            };
             if let Some(work) = work {
-                // Woken to two things, this worker takes one: another takes the other.
-                if listener && jobs {
+                // This worker takes one thing; if another may be waiting (it was woken to
+                // both, or by a nudge, which stands for both), another worker looks.
+                let other_waiting = if took_queued {
+                    listener || nudge
+                } else {
+                    jobs || nudge
+                };
+                if other_waiting {
                     acceptor.nudge.ring();
                 }
                 break work;

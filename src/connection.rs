@@ -25,6 +25,14 @@ use crate::protocol::{
 use crate::shutdown::Shutdown;
 use crate::worker::{JobQueue, SubmitError};
 
+/// An answered request whose body is still arriving (handed over by a worker, `direct.rs`).
+#[derive(Debug, Clone, Copy)]
+pub struct Draining {
+    pub request_id: u16,
+    /// It had no FCGI_KEEP_CONN: close once its body has ended.
+    pub then_close: bool,
+}
+
 /// What every connection of a server shares.
 pub struct ServerContext {
     pub jobs: JobQueue,
@@ -133,11 +141,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// For a connection whose request `request_id`, without FCGI_KEEP_CONN, is answered but
-    /// whose body is still arriving: drains the body, then closes.
-    pub fn closing_after_body_of(mut self, request_id: u16) -> Self {
-        self.draining = Some(request_id);
-        self.close_after_request = true;
+    /// Starts with bytes already read from the connection (by a worker that handed it over).
+    pub fn buffered(mut self, bytes: &[u8]) -> Self {
+        self.read_buf.extend_from_slice(bytes);
+        self
+    }
+
+    /// For a connection whose request is answered but whose body is still arriving: drains the
+    /// body, then closes or (FCGI_KEEP_CONN) serves the next requests.
+    pub fn draining(mut self, draining: Draining) -> Self {
+        self.draining = Some(draining.request_id);
+        self.close_after_request = draining.then_close;
         self
     }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use socket2::Socket;
 
-use crate::connection::{encode_values_answer, ConnectionError};
+use crate::connection::{encode_values_answer, ConnectionError, Draining};
 use crate::exchange::{
     BodyInterrupted, BodySource, BodyStream, Job, Output, OutputTarget, ResponseGone, ResponseSink,
     TrySendError,
@@ -98,10 +98,9 @@ impl Wire {
         }
     }
 
-    /// Like `next_record`, between requests on a connection that is parked rather than waited
-    /// on: waits one `POLL` (`wait`) or not at all for a request to start. A shutdown does not
-    /// cut this short: a request already on its way is served, as the tokio connection lingers
-    /// for it.
+    /// Like `next_record`, on a connection that is parked rather than waited on: waits one
+    /// `POLL` (`wait`) or not at all for more bytes; `Quiet` when none came. A shutdown does not cut this short: a request already on its way is served,
+    /// as the tokio connection lingers for it.
     fn next_record_soon(&mut self, wait: bool) -> Result<Soon, ConnectionError> {
         loop {
             if let Some(record) = self.pending.pop_front() {
@@ -110,26 +109,35 @@ impl Wire {
             if let Some(record) = RecordDecoder.decode(&mut self.buf)? {
                 return Ok(Soon::Record(record));
             }
-            if !self.buf.is_empty() {
-                // Part of a record is here: the rest is on its way.
-                return Ok(self.next_record(&|| false)?.map_or(Soon::End, Soon::Record));
-            }
             match self.fill(wait)? {
                 Filled::Data => {}
                 Filled::TimedOut => return Ok(Soon::Quiet),
-                Filled::End => return Ok(Soon::End),
+                Filled::End => {
+                    RecordDecoder.finish(&self.buf)?;
+                    return Ok(Soon::End);
+                }
             }
         }
     }
 
     /// Reads, without waiting, what is left of the last request's body; whether its end came.
-    fn drain_body_soon(&mut self) -> bool {
+    /// Records of anything else (an abort, the next request) are kept for later.
+    fn drain_body_soon(&mut self, request_id: u16) -> bool {
         loop {
             match self.next_record_soon(false) {
-                Ok(Soon::Record(Record::Stdin { content, .. })) if content.is_empty() => {
-                    return true
+                Ok(Soon::Record(Record::Stdin {
+                    request_id: id,
+                    content,
+                })) if id == request_id => {
+                    if content.is_empty() {
+                        self.body_ended = true;
+                        return true;
+                    }
                 }
-                Ok(Soon::Record(_)) => {}
+                Ok(Soon::Record(other)) => {
+                    self.pending.push_front(other);
+                    return true;
+                }
                 Ok(Soon::Quiet) => return false,
                 Ok(Soon::End) | Err(_) => return true,
             }
@@ -268,11 +276,13 @@ enum Parking {
     ParkedDraining,
 }
 
-/// A connection given back by a worker.
+/// A connection given back by a worker, or accepted by the I/O thread itself (`fresh`).
 pub struct ParkedConnection {
     pub socket: Socket,
-    /// The answered request whose body is still arriving; the connection closes after it.
-    pub draining: Option<u16>,
+    /// Bytes read but not served: a request head that stalled (re-encoded) and what followed.
+    pub buffered: Bytes,
+    /// The answered request whose body is still arriving.
+    pub draining: Option<Draining>,
 }
 
 /// Reads requests from the IIS stream, or from a connection a worker accepted.
@@ -284,6 +294,8 @@ pub struct Driver {
     parking: Parking,
     /// The request served last.
     request_id: u16,
+    /// What `into_parked` hands over with the socket.
+    buffered: Bytes,
 }
 
 impl Driver {
@@ -323,19 +335,27 @@ impl Driver {
             close: false,
             parking,
             request_id: 0,
+            buffered: Bytes::new(),
         })
     }
 
     /// The connection, if `next_job` ended because it had no request to serve (and it is
     /// still open and between requests).
-    pub fn into_parked(self) -> Option<ParkedConnection> {
+    pub fn into_parked(mut self) -> Option<ParkedConnection> {
         let draining = match self.parking {
             Parking::Parked => None,
-            Parking::ParkedDraining => Some(self.request_id),
+            Parking::ParkedDraining => Some(Draining {
+                request_id: self.request_id,
+                then_close: self.close,
+            }),
             _ => return None,
         };
         let socket = lock(&self.wire).socket.take()?;
-        Some(ParkedConnection { socket, draining })
+        Some(ParkedConnection {
+            socket,
+            buffered: std::mem::take(&mut self.buffered),
+            draining,
+        })
     }
 
     /// The next request, once its parameters are complete; `None` when the stream ends, a
@@ -344,21 +364,30 @@ impl Driver {
     pub fn next_job(&mut self) -> Option<Job> {
         let mut wire = lock(&self.wire);
         let shutdown = &self.shutdown;
+        // The last request's body, unread: what has arrived is dropped. The rest, if it is
+        // still on its way, the I/O thread drains, so no worker waits on it (and closing before
+        // would reset the connection under a web server still writing it).
+        let parks = matches!(self.parking, Parking::NextRequest);
+        if parks && !wire.body_ended && !wire.drain_body_soon(self.request_id) {
+            // Part of a record may be here: it goes along.
+            self.buffered = wire.buf.split().freeze();
+            self.parking = Parking::ParkedDraining;
+            return None;
+        }
         if self.close {
-            // Closing with part of a body unread would reset the connection under a web
-            // server still writing it: the I/O thread takes it over and drains the rest.
-            if self.parking != Parking::Never && !wire.body_ended && !wire.drain_body_soon() {
-                self.parking = Parking::ParkedDraining;
-            }
             return None;
         }
         let mut request: Option<(u16, bool, ParamsBuilder)> = None;
+        // An accepted connection's request head as it came, in case it stalls and goes to the
+        // I/O thread: a client sending it slowly must not hold a worker.
+        let mut head: Vec<Bytes> = Vec::new();
         loop {
             let wait_briefly = match self.parking {
-                _ if request.is_some() => None,
                 Parking::Never | Parking::Parked | Parking::ParkedDraining => None,
+                _ if request.is_some() => Some(true),
                 Parking::FirstRequest => Some(true),
-                Parking::NextRequest => Some(false),
+                // Part of the next request's first record is here: the rest is on its way.
+                Parking::NextRequest => Some(!wire.buf.is_empty()),
             };
             // A shutdown stops the wait for a request, never one half received.
             let started = request.is_some();
@@ -372,6 +401,25 @@ impl Driver {
             let record = match next {
                 Ok(Soon::Record(record)) => record,
                 Ok(Soon::Quiet) => {
+                    let mut buffered = BytesMut::new();
+                    if let Some((request_id, keep_conn, _)) = &request {
+                        protocol::encode_begin_request(
+                            &mut buffered,
+                            *request_id,
+                            Role::Responder,
+                            *keep_conn,
+                        );
+                        for params in &head {
+                            protocol::encode_stream(
+                                &mut buffered,
+                                protocol::RecordType::Params,
+                                *request_id,
+                                params,
+                            );
+                        }
+                    }
+                    buffered.extend_from_slice(&wire.buf.split());
+                    self.buffered = buffered.freeze();
                     self.parking = Parking::Parked;
                     return None;
                 }
@@ -413,6 +461,9 @@ impl Driver {
                     content,
                 } => match &mut request {
                     Some((id, _, params)) if *id == request_id && !content.is_empty() => {
+                        if self.parking != Parking::Never {
+                            head.push(content.clone());
+                        }
                         if let Err(e) = params.push(content) {
                             tracing::warn!("connection closed: protocol error: {e}");
                             return None;
@@ -486,6 +537,16 @@ impl Driver {
                     aborted,
                 }),
             ),
+        }
+    }
+}
+
+impl ParkedConnection {
+    pub fn fresh(socket: Socket) -> ParkedConnection {
+        ParkedConnection {
+            socket,
+            buffered: Bytes::new(),
+            draining: None,
         }
     }
 }

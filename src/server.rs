@@ -20,7 +20,9 @@ use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
-use crate::connection::{Connection, ServerContext};
+use crate::connection::{Connection, Draining, ServerContext};
+#[cfg(target_os = "linux")]
+use crate::direct::ParkedConnection;
 use crate::shutdown::{Reason, Shutdown, Trigger};
 
 /// Where requests come from. Holds plain sockets until the runtime takes them over.
@@ -185,7 +187,11 @@ pub async fn run(
     match transport {
         Transport::Stream(socket) => {
             match adopt_stream(socket) {
-                Ok(stream) => stream.serve(context, trigger.subscribe(), None).await,
+                Ok(stream) => {
+                    stream
+                        .serve(context, trigger.subscribe(), HandedOver::default())
+                        .await
+                }
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
@@ -194,7 +200,10 @@ pub async fn run(
         #[cfg(windows)]
         Transport::NamedPipe(pipe) => {
             match crate::windows::adopt_pipe(pipe) {
-                Ok(pipe) => serve_connection(pipe, context, trigger.subscribe(), None).await,
+                Ok(pipe) => {
+                    serve_connection(pipe, context, trigger.subscribe(), HandedOver::default())
+                        .await
+                }
                 Err(e) => tracing::error!("cannot use the IIS pipe: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
@@ -278,7 +287,7 @@ async fn accept_loop(
                         tracing::warn!("connection from {peer} refused: not in FCGI_WEB_SERVER_ADDRS");
                         continue;
                     }
-                    connections.spawn(stream.serve(context.clone(), shutdown.clone(), None));
+                    connections.spawn(stream.serve(context.clone(), shutdown.clone(), HandedOver::default()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -309,14 +318,21 @@ async fn overflow_loop(
         acceptor,
         mut parked,
     } = handoff;
+    let stop_workers = acceptor.stop_on_drop();
     let connection_shutdown = shutdown.clone();
-    let serve = |connections: &mut JoinSet<()>, socket, draining| match adopt_stream(socket) {
-        Ok(stream) => {
-            let shutdown = connection_shutdown.clone();
-            connections.spawn(stream.serve(context.clone(), shutdown, draining));
-        }
-        Err(e) => tracing::warn!("cannot serve a connection: {e}"),
-    };
+    let serve =
+        |connections: &mut JoinSet<()>, parked: ParkedConnection| match adopt_stream(parked.socket)
+        {
+            Ok(stream) => {
+                let shutdown = connection_shutdown.clone();
+                let from = HandedOver {
+                    draining: parked.draining,
+                    buffered: parked.buffered,
+                };
+                connections.spawn(stream.serve(context.clone(), shutdown, from));
+            }
+            Err(e) => tracing::warn!("cannot serve a connection: {e}"),
+        };
     let park = |connections: &mut JoinSet<()>, socket| match adopt_stream(socket) {
         Ok(stream) => {
             let (acceptor, context) = (acceptor.clone(), context.clone());
@@ -333,19 +349,18 @@ async fn overflow_loop(
         tokio::select! {
             Some(parked) = parked.recv() => {
                 // At FCGI_MAX_CONNS a quiet kept connection is closed; the web server reopens.
-                match parked.draining {
-                    Some(_) => serve(&mut connections, parked.socket, parked.draining),
-                    None if connections.len() < context.max_conns => {
-                        park(&mut connections, parked.socket);
-                    }
-                    None => {}
+                // Waiting for the next request is only for a connection with nothing pending.
+                if parked.draining.is_some() || !parked.buffered.is_empty() {
+                    serve(&mut connections, parked);
+                } else if connections.len() < context.max_conns {
+                    park(&mut connections, parked.socket);
                 }
             }
             _ = tick.tick() => {
                 if acceptor.stuck(&mut taken) {
                     while connections.len() < context.max_conns {
-                        let Some(socket) = acceptor.accept() else { break };
-                        serve(&mut connections, socket, None);
+                        let Ok(Some(socket)) = acceptor.accept() else { break };
+                        serve(&mut connections, ParkedConnection::fresh(socket));
                     }
                 }
             }
@@ -353,8 +368,15 @@ async fn overflow_loop(
             _ = shutdown.started() => break,
         }
     }
-    acceptor.stop();
-    while connections.join_next().await.is_some() {}
+    drop(stop_workers);
+    // Connections workers park meanwhile are still served (a body drained, a request on its
+    // way lingered for) until the last connection here has finished.
+    while !connections.is_empty() {
+        tokio::select! {
+            Some(parked) = parked.recv() => serve(&mut connections, parked),
+            _ = connections.join_next() => {}
+        }
+    }
     socket
 }
 
@@ -451,7 +473,7 @@ impl Stream {
             }
             return;
         }
-        self.serve(context, shutdown, None).await
+        self.serve(context, shutdown, HandedOver::default()).await
     }
 
     #[cfg(target_os = "linux")]
@@ -470,26 +492,35 @@ impl Stream {
         })
     }
 
-    /// Serves the connection; `draining` names an answered request whose body is still
-    /// arriving, after which it closes.
-    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown, draining: Option<u16>) {
+    /// Serves the connection, picking up where a worker left it.
+    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown, from: HandedOver) {
         match self {
-            Stream::Tcp(stream) => serve_connection(stream, context, shutdown, draining).await,
+            Stream::Tcp(stream) => serve_connection(stream, context, shutdown, from).await,
             #[cfg(unix)]
-            Stream::Unix(stream) => serve_connection(stream, context, shutdown, draining).await,
+            Stream::Unix(stream) => serve_connection(stream, context, shutdown, from).await,
         }
     }
+}
+
+/// Where a worker left a connection it handed to the I/O thread (`direct.rs`); nothing for a
+/// connection the I/O thread accepted itself.
+#[derive(Default)]
+struct HandedOver {
+    /// An answered request whose body is still arriving.
+    draining: Option<Draining>,
+    /// Bytes read but not served.
+    buffered: bytes::Bytes,
 }
 
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     context: Arc<ServerContext>,
     shutdown: Shutdown,
-    draining: Option<u16>,
+    from: HandedOver,
 ) {
-    let mut connection = Connection::new(stream, context, shutdown);
-    if let Some(request_id) = draining {
-        connection = connection.closing_after_body_of(request_id);
+    let mut connection = Connection::new(stream, context, shutdown).buffered(&from.buffered);
+    if let Some(draining) = from.draining {
+        connection = connection.draining(draining);
     }
     if let Err(e) = connection.run().await {
         tracing::warn!("connection closed: {e}");

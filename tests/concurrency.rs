@@ -313,3 +313,70 @@ fn an_unread_body_does_not_cut_the_response() {
         assert!(client.is_closed(), "closed once the body was drained");
     }
 }
+
+/// A request head that stalls half-way (one byte, then a pause) goes to the I/O thread with the
+/// bytes read so far, so it neither holds the only worker nor loses its start.
+#[test]
+fn a_stalled_request_head_does_not_hold_the_only_worker() {
+    let app = AppDir::new("hello.app", &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
+    let params = app.iis_params("GET", "/");
+    let request = Client::<Conn>::encode(&Send::new(7, &params));
+    let mut slow = gateway.connect();
+    // The first byte, then the BEGIN_REQUEST record and part of the parameters.
+    slow.write_raw(&request[..1]);
+    std::thread::sleep(Duration::from_millis(300));
+    slow.write_raw(&request[1..request.len() / 2]);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(gateway.connect().get(1, &params).status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a request waited {:?} behind a stalled head",
+        started.elapsed()
+    );
+    slow.write_raw(&request[request.len() / 2..]);
+    let response = slow.read_response(7);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "Hello, World!\n");
+}
+
+/// A body the application did not read (here refused with 413 before it is read), still
+/// trickling in on a kept connection, is drained by the I/O thread, not by the only worker; the
+/// connection then serves its next request.
+#[test]
+fn a_trickling_unread_body_does_not_hold_the_only_worker() {
+    let app = AppDir::new("hello.app", &[("WSGI_MAX_BODY", "10")]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
+    let get = app.iis_params("GET", "/");
+    let mut post = app.iis_params("POST", "/");
+    set_param(&mut post, "CONTENT_LENGTH", "1000");
+    let body = vec![b'x'; 1000];
+    let request = Client::<Conn>::encode(&Send::new(1, &post).body(&body));
+    let head_and_some = request.len() - 1000 + 100;
+    let mut trickle = gateway.connect();
+    trickle.write_raw(&request[..head_and_some]);
+    assert_eq!(trickle.read_response(1).status, 413);
+    let writer = {
+        let Conn::Tcp(stream) = &trickle.stream else {
+            panic!("a TCP connection");
+        };
+        let mut stream = stream.try_clone().expect("clone");
+        let rest = request[head_and_some..].to_vec();
+        std::thread::spawn(move || {
+            for piece in rest.chunks(100) {
+                std::thread::sleep(Duration::from_millis(100));
+                std::io::Write::write_all(&mut stream, piece).expect("body");
+            }
+        })
+    };
+    let started = Instant::now();
+    assert_eq!(gateway.connect().get(1, &get).status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(800),
+        "a request waited {:?} behind a trickling body",
+        started.elapsed()
+    );
+    writer.join().expect("writer");
+    assert_eq!(trickle.get(2, &get).status, 200);
+}
