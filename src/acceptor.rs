@@ -199,9 +199,11 @@ impl Acceptor {
         StopOnDrop(self.clone())
     }
 
-    /// Whether a worker waits for work now.
+    /// Whether a worker waits for work now that no resumed connection has been promised to:
+    /// connections are not resumed beyond the idle workers, so a busy pool's go through the
+    /// job queue, its limit and its 503.
     pub fn has_idle_worker(&self) -> bool {
-        self.idle_workers.load(Ordering::Acquire) > 0
+        self.idle_workers.load(Ordering::Acquire) > self.resumed.1.len()
     }
 
     /// Gives a parked connection whose next request is arriving back to a worker.
