@@ -101,6 +101,19 @@ def servers():
             ),
         ),
         "uwsgi": Server("uWSGI (1 process), unix", "connect", "ours-unix", uwsgi),
+        "ceiling-unix": Server(
+            "ceiling (blocking accept loop, fixed answer), unix",
+            "connect",
+            "ours-unix",
+            lambda p, app, address: ([p.ceiling, address], {}),
+        ),
+        "ceiling-tcp": Server(
+            "ceiling (blocking accept loop, fixed answer), TCP",
+            "connect",
+            "ours-tcp",
+            lambda p, app, address: ([p.ceiling, address], {}),
+            tcp=True,
+        ),
         "floor-tcp": Server(
             "floor (Rust, no Python), TCP",
             "connect",
@@ -167,8 +180,8 @@ def scenarios(opts):
         Scenario("hello", "hello GET (query string)", "hello",
                  ["--path", "/hello", "--query", "name=world", "--check", "hello",
                   "--expect-length", "14"] + timed,
-                 ["floor", "ours", "wfastcgi.py", "floor-unix", "ours-unix", "flup", "uwsgi",
-                  "floor-tcp", "ours-tcp", "uwsgi-tcp"],
+                 ["floor", "ours", "wfastcgi.py", "ceiling-unix", "floor-unix", "ours-unix", "flup",
+                  "uwsgi", "ceiling-tcp", "floor-tcp", "ours-tcp", "uwsgi-tcp"],
                  "rps"),
         Scenario("hello-2", "hello GET, 2 processes", "hello",
                  ["--path", "/hello", "--query", "name=world", "--check", "hello"] + timed,
@@ -218,6 +231,7 @@ class Paths:
         self.uwsgi = os.path.join(self.venv, "bin", "uwsgi")
         self.gateway = os.path.abspath(args.gateway)
         self.floor = os.path.abspath(args.floor)
+        self.ceiling = os.path.abspath(args.ceiling)
         self.driver = os.path.abspath(args.driver)
         self.peers = os.path.join(self.root, "bench", "peers")
         self.apps = os.path.join(self.root, "bench", "apps")
@@ -536,6 +550,7 @@ def main():
     parser.add_argument("--venv", required=True)
     parser.add_argument("--gateway", required=True)
     parser.add_argument("--floor", required=True)
+    parser.add_argument("--ceiling", required=True)
     parser.add_argument("--driver", required=True)
     parser.add_argument("--command", default="bench/run")
     parser.add_argument("--rounds", type=int, default=3)
