@@ -75,7 +75,8 @@ pub struct Acceptor {
     /// Parked connections whose next request is arriving, for the next idle worker.
     resumed: (Sender<Socket>, Receiver<Socket>),
     stop: Doorbell,
-    /// Wakes one more worker when one woke to a connection and a job at once.
+    /// Wakes one more worker when one took one kind of work (a connection, or a queued job or
+    /// connection) while the other kind may be waiting too: EPOLLEXCLUSIVE woke only it.
     nudge: Doorbell,
     idle_workers: AtomicUsize,
     /// Work taken by workers so far, to tell a stuck pool from a busy one.
