@@ -235,6 +235,8 @@ pub struct WorkerSource<'a> {
     jobs: &'a Receiver<Job>,
     shutdown: Shutdown,
     connection: Option<Driver>,
+    /// The last connection's read buffer, kept for the next.
+    spare_buf: bytes::BytesMut,
     stopping: bool,
 }
 
@@ -256,6 +258,7 @@ impl<'a> WorkerSource<'a> {
             jobs,
             shutdown,
             connection: None,
+            spare_buf: bytes::BytesMut::new(),
             stopping: false,
         })
     }
@@ -267,8 +270,12 @@ impl<'a> WorkerSource<'a> {
                 if let Some(job) = driver.next_job() {
                     return Some(job);
                 }
-                if let Some(parked) = self.connection.take().and_then(Driver::into_parked) {
-                    self.acceptor.park(parked);
+                if let Some(driver) = self.connection.take() {
+                    let (parked, buf) = driver.finish();
+                    self.spare_buf = buf;
+                    if let Some(parked) = parked {
+                        self.acceptor.park(parked);
+                    }
                 }
             }
             let work = if self.stopping {
@@ -279,8 +286,9 @@ impl<'a> WorkerSource<'a> {
             match work {
                 Work::Job(job) => return Some(job),
                 Work::Connection(socket) => {
-                    match Driver::accepted(socket, self.shutdown.clone(), self.acceptor.advertised)
-                    {
+                    let buf = std::mem::take(&mut self.spare_buf);
+                    let shutdown = self.shutdown.clone();
+                    match Driver::accepted(socket, shutdown, self.acceptor.advertised, buf) {
                         Ok(driver) => self.connection = Some(driver),
                         Err(e) => tracing::warn!("cannot serve an accepted connection: {e}"),
                     }

@@ -294,7 +294,7 @@ pub struct Driver {
     parking: Parking,
     /// The request served last.
     request_id: u16,
-    /// What `into_parked` hands over with the socket.
+    /// What `finish` hands over with the socket.
     buffered: Bytes,
 }
 
@@ -302,17 +302,21 @@ impl Driver {
     /// IIS's stream on fd 0.
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
         socket.set_nonblocking(false)?;
-        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never)
+        let buf = BytesMut::with_capacity(READ_CHUNK);
+        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never, buf)
     }
 
     /// A connection just accepted from a listening socket (blocking, as accept(2) returns it
-    /// on Linux); given back by `into_parked` when it has no request to serve.
+    /// on Linux), read into `buf` (the worker's, from its last connection: a fresh 64 KiB
+    /// buffer per connection cost a heap grow and trim, and their page faults, every time);
+    /// `finish` gives both back.
     pub fn accepted(
         socket: Socket,
         shutdown: Shutdown,
         advertised: Advertised,
+        buf: BytesMut,
     ) -> io::Result<Driver> {
-        Driver::with(socket, shutdown, advertised, Parking::FirstRequest)
+        Driver::with(socket, shutdown, advertised, Parking::FirstRequest, buf)
     }
 
     fn with(
@@ -320,12 +324,13 @@ impl Driver {
         shutdown: Shutdown,
         advertised: Advertised,
         parking: Parking,
+        buf: BytesMut,
     ) -> io::Result<Driver> {
         socket.set_read_timeout(Some(POLL))?;
         Ok(Driver {
             wire: Arc::new(Mutex::new(Wire {
                 socket: Some(socket),
-                buf: BytesMut::with_capacity(READ_CHUNK),
+                buf,
                 pending: VecDeque::new(),
                 limits: ParamLimits::default(),
                 advertised,
@@ -339,23 +344,26 @@ impl Driver {
         })
     }
 
-    /// The connection, if `next_job` ended because it had no request to serve (and it is
-    /// still open and between requests).
-    pub fn into_parked(mut self) -> Option<ParkedConnection> {
+    /// Ends the driver: the connection, if `next_job` ended because it had no request to
+    /// serve (and it is still open), and the read buffer, emptied, for the next connection.
+    pub fn finish(mut self) -> (Option<ParkedConnection>, BytesMut) {
+        let mut wire = lock(&self.wire);
+        let mut buf = std::mem::take(&mut wire.buf);
+        buf.clear();
         let draining = match self.parking {
             Parking::Parked => None,
             Parking::ParkedDraining => Some(Draining {
                 request_id: self.request_id,
                 then_close: self.close,
             }),
-            _ => return None,
+            _ => return (None, buf),
         };
-        let socket = lock(&self.wire).socket.take()?;
-        Some(ParkedConnection {
+        let parked = wire.socket.take().map(|socket| ParkedConnection {
             socket,
             buffered: std::mem::take(&mut self.buffered),
             draining,
-        })
+        });
+        (parked, buf)
     }
 
     /// The next request, once its parameters are complete; `None` when the stream ends, a
