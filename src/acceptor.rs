@@ -73,7 +73,8 @@ pub struct Acceptor {
     /// Rung once for every job queued by the tokio side, and for every resumed connection.
     jobs_ready: Arc<Doorbell>,
     /// Parked connections whose next request is arriving, for the next idle worker.
-    resumed: (Sender<Socket>, Receiver<Socket>),
+    resume: Sender<Socket>,
+    resumed: Receiver<Socket>,
     stop: Doorbell,
     /// Wakes one more worker when one took one kind of work (a connection, or a queued job or
     /// connection) while the other kind may be waiting too: EPOLLEXCLUSIVE woke only it.
@@ -130,10 +131,12 @@ impl Acceptor {
         let listener = listener.try_clone()?;
         listener.set_nonblocking(true)?;
         let (parked, parked_receiver) = mpsc::unbounded_channel();
+        let (resume, resumed) = crossbeam_channel::unbounded();
         let acceptor = Acceptor {
             listener,
             jobs_ready: Arc::new(Doorbell::new(EventfdFlags::SEMAPHORE)?),
-            resumed: crossbeam_channel::unbounded(),
+            resume,
+            resumed,
             stop: Doorbell::new(EventfdFlags::empty())?,
             nudge: Doorbell::new(EventfdFlags::empty())?,
             idle_workers: AtomicUsize::new(0),
@@ -204,13 +207,13 @@ impl Acceptor {
     /// connections are not resumed beyond the idle workers, so a busy pool's go through the
     /// job queue, its limit and its 503.
     pub fn has_idle_worker(&self) -> bool {
-        self.idle_workers.load(Ordering::Acquire) > self.resumed.1.len()
+        self.idle_workers.load(Ordering::Acquire) > self.resumed.len()
     }
 
     /// Gives a parked connection whose next request is arriving back to a worker.
     pub fn resume(&self, socket: Socket) {
         // The receiver lives as long as the acceptor.
-        let _ = self.resumed.0.send(socket);
+        let _ = self.resume.send(socket);
         self.jobs_ready.ring();
     }
 
@@ -376,7 +379,7 @@ impl<'a> WorkerSource<'a> {
     }
 
     fn try_resumed(&self) -> Option<Work> {
-        let socket = self.acceptor.resumed.1.try_recv().ok()?;
+        let socket = self.acceptor.resumed.try_recv().ok()?;
         // tokio made it non-blocking; the driver reads with blocking calls.
         match socket.set_nonblocking(false) {
             Ok(()) => Some(Work::Connection(socket)),

@@ -25,12 +25,28 @@ use crate::protocol::{
 use crate::shutdown::Shutdown;
 use crate::worker::{JobQueue, SubmitError};
 
-/// An answered request whose body is still arriving (handed over by a worker, `direct.rs`).
+/// Where a worker (`direct.rs`) left a connection it hands to the I/O thread; nothing for a
+/// connection the I/O thread accepted itself.
+#[derive(Debug, Default)]
+pub struct Handover {
+    /// Bytes read but not served: a request head that stalled (encoded again) and what followed.
+    pub buffered: Bytes,
+    /// An answered request whose body is still arriving.
+    pub draining: Option<Draining>,
+}
+
+/// An answered request whose body is still arriving.
 #[derive(Debug, Clone, Copy)]
 pub struct Draining {
     pub request_id: u16,
     /// It had no FCGI_KEEP_CONN: close once its body has ended.
     pub then_close: bool,
+}
+
+/// The log line of a connection closed for `WSGI_IDLE_TIMEOUT` (here, or parked with the I/O
+/// thread by a worker, `server.rs`).
+pub fn log_idle_close(limit: std::time::Duration) {
+    tracing::info!("connection idle for {limit:?}: closed");
 }
 
 /// What every connection of a server shares.
@@ -141,17 +157,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
     }
 
-    /// Starts with bytes already read from the connection (by a worker that handed it over).
-    pub fn buffered(mut self, bytes: &[u8]) -> Self {
-        self.read_buf.extend_from_slice(bytes);
-        self
-    }
-
-    /// For a connection whose request is answered but whose body is still arriving: drains the
-    /// body, then closes or (FCGI_KEEP_CONN) serves the next requests.
-    pub fn draining(mut self, draining: Draining) -> Self {
-        self.draining = Some(draining.request_id);
-        self.close_after_request = draining.then_close;
+    /// Picks up where a worker left the connection: the bytes it read but did not serve, and a
+    /// body still arriving, which is drained before the connection closes or (FCGI_KEEP_CONN)
+    /// serves its next request.
+    pub fn resume(mut self, from: Handover) -> Self {
+        self.read_buf.extend_from_slice(&from.buffered);
+        if let Some(draining) = from.draining {
+            self.draining = Some(draining.request_id);
+            self.close_after_request = draining.then_close;
+        }
         self
     }
 
@@ -179,7 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             }
             tokio::select! {
                 () = &mut self.idle_timer, if idle_limit.is_some() => {
-                    tracing::info!("connection idle for {:?}: closed", idle_limit.unwrap_or_default());
+                    log_idle_close(idle_limit.unwrap_or_default());
                     return Ok(());
                 }
                 wake = running_event(&mut self.state) => match wake {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use socket2::Socket;
 
-use crate::connection::{encode_values_answer, ConnectionError, Draining};
+use crate::connection::{encode_values_answer, ConnectionError, Draining, Handover};
 use crate::exchange::{
     BodyInterrupted, BodySource, BodyStream, Job, Output, OutputTarget, ResponseGone, ResponseSink,
     TrySendError,
@@ -99,8 +99,9 @@ impl Wire {
     }
 
     /// Like `next_record`, on a connection that is parked rather than waited on: waits one
-    /// `POLL` (`wait`) or not at all for more bytes; `Quiet` when none came. A shutdown does not cut this short: a request already on its way is served,
-    /// as the tokio connection lingers for it.
+    /// `POLL` (`wait`) or not at all for more bytes; `Quiet` when none came. A shutdown does not
+    /// cut this short: a request already on its way is served, as the tokio connection lingers
+    /// for it.
     fn next_record_soon(&mut self, wait: bool) -> Result<Soon, ConnectionError> {
         loop {
             if let Some(record) = self.pending.pop_front() {
@@ -279,10 +280,7 @@ enum Parking {
 /// A connection given back by a worker, or accepted by the I/O thread itself (`fresh`).
 pub struct ParkedConnection {
     pub socket: Socket,
-    /// Bytes read but not served: a request head that stalled (re-encoded) and what followed.
-    pub buffered: Bytes,
-    /// The answered request whose body is still arriving.
-    pub draining: Option<Draining>,
+    pub handover: Handover,
 }
 
 /// Reads requests from the IIS stream, or from a connection a worker accepted.
@@ -360,8 +358,10 @@ impl Driver {
         };
         let parked = wire.socket.take().map(|socket| ParkedConnection {
             socket,
-            buffered: std::mem::take(&mut self.buffered),
-            draining,
+            handover: Handover {
+                buffered: std::mem::take(&mut self.buffered),
+                draining,
+            },
         });
         (parked, buf)
     }
@@ -386,9 +386,6 @@ impl Driver {
             return None;
         }
         let mut request: Option<(u16, bool, ParamsBuilder)> = None;
-        // An accepted connection's request head as it came, in case it stalls and goes to the
-        // I/O thread: a client sending it slowly must not hold a worker.
-        let mut head: Vec<Bytes> = Vec::new();
         loop {
             let wait_briefly = match self.parking {
                 Parking::Never | Parking::Parked | Parking::ParkedDraining => None,
@@ -408,23 +405,25 @@ impl Driver {
             };
             let record = match next {
                 Ok(Soon::Record(record)) => record,
+                // A request head that stalls goes to the I/O thread, encoded again as far as it
+                // came, so a client sending it slowly does not hold a worker.
                 Ok(Soon::Quiet) => {
                     let mut buffered = BytesMut::new();
-                    if let Some((request_id, keep_conn, _)) = &request {
+                    if let Some((request_id, keep_conn, params)) = &request {
                         protocol::encode_begin_request(
                             &mut buffered,
                             *request_id,
                             Role::Responder,
                             *keep_conn,
                         );
-                        for params in &head {
-                            protocol::encode_stream(
-                                &mut buffered,
-                                protocol::RecordType::Params,
-                                *request_id,
-                                params,
-                            );
-                        }
+                        let mut stream = BytesMut::new();
+                        params.replay(&mut stream);
+                        protocol::encode_stream(
+                            &mut buffered,
+                            protocol::RecordType::Params,
+                            *request_id,
+                            &stream,
+                        );
                     }
                     buffered.extend_from_slice(&wire.buf.split());
                     self.buffered = buffered.freeze();
@@ -469,9 +468,6 @@ impl Driver {
                     content,
                 } => match &mut request {
                     Some((id, _, params)) if *id == request_id && !content.is_empty() => {
-                        if self.parking != Parking::Never {
-                            head.push(content.clone());
-                        }
                         if let Err(e) = params.push(content) {
                             tracing::warn!("connection closed: protocol error: {e}");
                             return None;
@@ -553,8 +549,7 @@ impl ParkedConnection {
     pub fn fresh(socket: Socket) -> ParkedConnection {
         ParkedConnection {
             socket,
-            buffered: Bytes::new(),
-            draining: None,
+            handover: Handover::default(),
         }
     }
 }

@@ -20,7 +20,7 @@ use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
-use crate::connection::{Connection, Draining, ServerContext};
+use crate::connection::{Connection, Handover, ServerContext};
 #[cfg(target_os = "linux")]
 use crate::direct::ParkedConnection;
 use crate::shutdown::{Reason, Shutdown, Trigger};
@@ -189,7 +189,7 @@ pub async fn run(
             match adopt_stream(socket) {
                 Ok(stream) => {
                     stream
-                        .serve(context, trigger.subscribe(), HandedOver::default())
+                        .serve(context, trigger.subscribe(), Handover::default())
                         .await
                 }
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
@@ -201,8 +201,7 @@ pub async fn run(
         Transport::NamedPipe(pipe) => {
             match crate::windows::adopt_pipe(pipe) {
                 Ok(pipe) => {
-                    serve_connection(pipe, context, trigger.subscribe(), HandedOver::default())
-                        .await
+                    serve_connection(pipe, context, trigger.subscribe(), Handover::default()).await
                 }
                 Err(e) => tracing::error!("cannot use the IIS pipe: {e}"),
             }
@@ -287,7 +286,7 @@ async fn accept_loop(
                         tracing::warn!("connection from {peer} refused: not in FCGI_WEB_SERVER_ADDRS");
                         continue;
                     }
-                    connections.spawn(stream.serve(context.clone(), shutdown.clone(), HandedOver::default()));
+                    connections.spawn(stream.serve(context.clone(), shutdown.clone(), Handover::default()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning.
@@ -325,11 +324,7 @@ async fn overflow_loop(
         {
             Ok(stream) => {
                 let shutdown = connection_shutdown.clone();
-                let from = HandedOver {
-                    draining: parked.draining,
-                    buffered: parked.buffered,
-                };
-                connections.spawn(stream.serve(context.clone(), shutdown, from));
+                connections.spawn(stream.serve(context.clone(), shutdown, parked.handover));
             }
             Err(e) => tracing::warn!("cannot serve a connection: {e}"),
         };
@@ -350,7 +345,8 @@ async fn overflow_loop(
             Some(parked) = parked.recv() => {
                 // At FCGI_MAX_CONNS a quiet kept connection is closed; the web server reopens.
                 // Waiting for the next request is only for a connection with nothing pending.
-                if parked.draining.is_some() || !parked.buffered.is_empty() {
+                let pending = &parked.handover;
+                if pending.draining.is_some() || !pending.buffered.is_empty() {
                     serve(&mut connections, parked);
                 } else if connections.len() < context.max_conns {
                     park(&mut connections, parked.socket);
@@ -460,7 +456,7 @@ impl Stream {
         let arriving = tokio::select! {
             ready = self.readable() => ready.is_ok(),
             () = idle => {
-                tracing::info!("connection idle for {:?}: closed", idle_timeout.unwrap_or_default());
+                crate::connection::log_idle_close(idle_timeout.unwrap_or_default());
                 return;
             }
             // The connection lingers for a request already on its way, then closes.
@@ -473,7 +469,7 @@ impl Stream {
             }
             return;
         }
-        self.serve(context, shutdown, HandedOver::default()).await
+        self.serve(context, shutdown, Handover::default()).await
     }
 
     #[cfg(target_os = "linux")]
@@ -493,7 +489,7 @@ impl Stream {
     }
 
     /// Serves the connection, picking up where a worker left it.
-    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown, from: HandedOver) {
+    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown, from: Handover) {
         match self {
             Stream::Tcp(stream) => serve_connection(stream, context, shutdown, from).await,
             #[cfg(unix)]
@@ -502,26 +498,13 @@ impl Stream {
     }
 }
 
-/// Where a worker left a connection it handed to the I/O thread (`direct.rs`); nothing for a
-/// connection the I/O thread accepted itself.
-#[derive(Default)]
-struct HandedOver {
-    /// An answered request whose body is still arriving.
-    draining: Option<Draining>,
-    /// Bytes read but not served.
-    buffered: bytes::Bytes,
-}
-
 async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     context: Arc<ServerContext>,
     shutdown: Shutdown,
-    from: HandedOver,
+    from: Handover,
 ) {
-    let mut connection = Connection::new(stream, context, shutdown).buffered(&from.buffered);
-    if let Some(draining) = from.draining {
-        connection = connection.draining(draining);
-    }
+    let mut connection = Connection::new(stream, context, shutdown).resume(from);
     if let Err(e) = connection.run().await {
         tracing::warn!("connection closed: {e}");
     }
