@@ -218,8 +218,16 @@ fn check_python(report: &mut Report, config: &AppConfig, request: Option<&str>) 
             Err(e) => return report.fail(format!("{e:#}")),
         }
     }
-    if let Err(e) = python::interpreter::start(venv.as_deref()) {
+    if let Err(e) = python::interpreter::start(config) {
         return report.fail(format!("{e:#}"));
+    }
+    #[cfg(windows)]
+    if let Some(folder) = python::library::loaded() {
+        report.ok(format!(
+            "{} loaded from {}",
+            python::library::DLL,
+            folder.display()
+        ));
     }
     let diagnosis = match python::diagnose(config) {
         Ok(diagnosis) => diagnosis,

@@ -40,6 +40,33 @@ pub enum LogRotation {
     Daily,
 }
 
+/// A folder as the application is to see it: absolute, symbolic links resolved on Unix. On
+/// Windows it stays as given (IIS's `APPL_PHYSICAL_PATH`): `canonicalize` would add the `\\?\`
+/// prefix, and Python code that mixes such paths with ordinary ones fails
+/// (`os.path.relpath(__file__, os.getcwd())` raises `ValueError`).
+pub fn resolve_dir(dir: &Path) -> std::io::Result<PathBuf> {
+    let resolved: PathBuf = if cfg!(windows) {
+        // Collecting the components drops the trailing `\` IIS sends.
+        std::path::absolute(dir)?.components().collect()
+    } else {
+        dir.canonicalize()?
+    };
+    if !std::fs::metadata(&resolved)?.is_dir() {
+        return Err(std::io::Error::other("not a folder"));
+    }
+    Ok(resolved)
+}
+
+/// The virtualenv this binary is installed in (`<venv>/bin/wfastcgi`,
+/// `<venv>\Scripts\wfastcgi.exe`), if it is.
+fn installed_venv() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let venv = exe.parent()?.parent()?;
+    venv.join("pyvenv.cfg")
+        .is_file()
+        .then(|| venv.to_path_buf())
+}
+
 /// The settings of one application, resolved once when it is first loaded.
 #[derive(Debug, Clone)]
 pub struct AppConfig {
@@ -54,8 +81,7 @@ pub struct AppConfig {
 impl AppConfig {
     /// Reads `web.config` (any letter case) from `app_dir`, if there is one.
     pub fn load(app_dir: &Path, overrides: HashMap<String, String>) -> Result<AppConfig> {
-        let app_dir = app_dir
-            .canonicalize()
+        let app_dir = resolve_dir(app_dir)
             .with_context(|| format!("app folder {} cannot be opened", app_dir.display()))?;
         let web_config = find_web_config(&app_dir)?;
         let app_settings = match &web_config {
@@ -102,10 +128,18 @@ impl AppConfig {
             .collect()
     }
 
-    /// The virtualenv to run in: `WSGI_VENV`, else `VIRTUAL_ENV`.
+    /// The virtualenv to run in: `WSGI_VENV`, else `VIRTUAL_ENV`, else the one pip installed
+    /// this binary into.
     pub fn venv(&self) -> Option<PathBuf> {
         self.get_nonempty("WSGI_VENV")
             .or_else(|| self.get_nonempty("VIRTUAL_ENV"))
+            .map(|v| self.app_dir.join(v.trim()))
+            .or_else(installed_venv)
+    }
+
+    /// `WSGI_PYTHON_HOME`: the folder holding the Python DLL (Windows), relative to the app folder.
+    pub fn python_home(&self) -> Option<PathBuf> {
+        self.get_nonempty("WSGI_PYTHON_HOME")
             .map(|v| self.app_dir.join(v.trim()))
     }
 

@@ -73,7 +73,7 @@ impl Site {
     fn eager(dir: PathBuf, options: &Options) -> Result<Site> {
         let config = AppConfig::load(&dir, options.overrides())?;
         let notice = open_log(&config);
-        python::interpreter::start(config.venv().as_deref())?;
+        python::interpreter::start(&config)?;
         Ok(Site {
             app_dir: config.app_dir.clone(),
             config: Ok(config),
@@ -384,7 +384,7 @@ fn load(config: Result<AppConfig, String>, deployment: Deployment) -> AppState {
         Err(message) => return unavailable(message, ErrorDetail::Full),
     };
     let detail = config.error_detail().unwrap_or(ErrorDetail::Full);
-    if let Err(e) = python::interpreter::start(config.venv().as_deref()) {
+    if let Err(e) = python::interpreter::start(&config) {
         return unavailable(format!("{e:#}"), detail);
     }
     match python::load(&config, deployment) {

@@ -105,6 +105,14 @@ pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> R
 }
 
 /// Writes out what the background writer still holds; call before the process exits.
+/// A reason the process cannot start at all, before any log file is known: standard error (a
+/// person at a console) and, on Windows, the Application event log (IIS gives no console).
+pub fn report_startup_failure(message: &str) {
+    eprintln!("{message}");
+    #[cfg(windows)]
+    crate::windows::report_error(message);
+}
+
 pub fn flush() {
     if let Some(state) = STATE.get() {
         let mut state = state

@@ -216,13 +216,18 @@ fn main() -> ExitCode {
                 "standard input is not a socket: wfastcgi reads FastCGI records from a duplex \
                  pipe or socket on standard input, or from --bind ADDR"
             ),
+            StdinError::SynchronousPipe => anyhow::anyhow!(
+                "standard input is a pipe opened for synchronous I/O, not the overlapped duplex \
+                 named pipe IIS creates: start wfastcgi.exe from IIS (scriptProcessor), or serve \
+                 a socket with --bind ADDR"
+            ),
             StdinError::Io(e) => anyhow::anyhow!("cannot inspect standard input: {e}"),
         }),
     };
     let transport = match transport {
         Ok(transport) => transport,
         Err(e) => {
-            eprintln!("wfastcgi: {e:#}");
+            logging::report_startup_failure(&format!("wfastcgi: {e:#}"));
             return ExitCode::from(2);
         }
     };

@@ -55,6 +55,8 @@ pub enum StdinError {
     /// Started by hand from a terminal: show usage instead of waiting.
     Terminal,
     NotASocket,
+    /// Windows: a pipe, but opened for synchronous I/O, not IIS's overlapped one.
+    SynchronousPipe,
     Io(io::Error),
 }
 
@@ -77,6 +79,7 @@ impl Transport {
             crate::windows::Stdin::NamedPipe(pipe) => Ok(Transport::NamedPipe(pipe)),
             crate::windows::Stdin::Listener(socket) => Ok(Transport::Listener(socket)),
             crate::windows::Stdin::Terminal => Err(StdinError::Terminal),
+            crate::windows::Stdin::SynchronousPipe => Err(StdinError::SynchronousPipe),
             crate::windows::Stdin::Other => Err(StdinError::NotASocket),
         }
     }

@@ -114,7 +114,7 @@ fn watch(settings: WatchSettings, regex: Regex, trigger: Trigger) {
     let roots: Vec<PathBuf> = settings
         .roots
         .iter()
-        .filter_map(|root| match root.canonicalize() {
+        .filter_map(|root| match crate::config::resolve_dir(root) {
             Ok(root) => Some(root),
             Err(e) => {
                 tracing::error!("cannot watch {}: {e}", root.display());

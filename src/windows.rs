@@ -6,18 +6,29 @@ use std::io;
 use std::os::windows::io::{FromRawHandle, FromRawSocket, OwnedHandle, RawHandle, RawSocket};
 
 use socket2::Socket;
+use windows_sys::Wdk::Storage::FileSystem::{
+    FileModeInformation, NtQueryInformationFile, FILE_MODE_INFORMATION, FILE_SYNCHRONOUS_IO_ALERT,
+    FILE_SYNCHRONOUS_IO_NONALERT,
+};
 use windows_sys::Win32::Foundation::{HANDLE, INVALID_HANDLE_VALUE};
 use windows_sys::Win32::Networking::WinSock::{
     getsockopt, WSAStartup, SOCKET, SOL_SOCKET, SO_ACCEPTCONN, WSADATA,
 };
 use windows_sys::Win32::Storage::FileSystem::{GetFileType, FILE_TYPE_CHAR, FILE_TYPE_PIPE};
 use windows_sys::Win32::System::Console::{GetStdHandle, STD_INPUT_HANDLE};
+use windows_sys::Win32::System::EventLog::{
+    DeregisterEventSource, RegisterEventSourceW, ReportEventW, EVENTLOG_ERROR_TYPE,
+};
 use windows_sys::Win32::System::Threading::{WaitForSingleObject, INFINITE};
+use windows_sys::Win32::System::IO::IO_STATUS_BLOCK;
 
 /// What standard input is.
 pub enum Stdin {
     /// IIS's default NamedPipe protocol: the server end of a duplex, overlapped named pipe.
     NamedPipe(OwnedHandle),
+    /// A pipe opened for synchronous I/O (`type file | wfastcgi.exe`, a service wrapper's
+    /// anonymous pipe): not what IIS hands over, and it cannot be served asynchronously.
+    SynchronousPipe,
     /// IIS's `protocol="Tcp"`: a listening socket on 127.0.0.1.
     Listener(Socket),
     Terminal,
@@ -40,11 +51,58 @@ pub fn stdin() -> io::Result<Stdin> {
                 Socket::from_raw_socket(handle as RawSocket)
             }))
         }
+        FILE_TYPE_PIPE if !is_overlapped(handle) => Ok(Stdin::SynchronousPipe),
         // SAFETY: the handle is the pipe IIS gave this process; it becomes its only owner.
         FILE_TYPE_PIPE => Ok(Stdin::NamedPipe(unsafe {
             OwnedHandle::from_raw_handle(handle as RawHandle)
         })),
         _ => Ok(Stdin::Other),
+    }
+}
+
+/// Whether the handle was opened for overlapped I/O (IIS opens its pipe so): one opened for
+/// synchronous I/O carries FILE_SYNCHRONOUS_IO_(NON)ALERT in its mode.
+fn is_overlapped(handle: HANDLE) -> bool {
+    let mut status = IO_STATUS_BLOCK::default();
+    let mut mode = FILE_MODE_INFORMATION { Mode: 0 };
+    // SAFETY: the buffer is a FILE_MODE_INFORMATION of the size passed.
+    let result = unsafe {
+        NtQueryInformationFile(
+            handle,
+            &mut status,
+            (&mut mode as *mut FILE_MODE_INFORMATION).cast(),
+            std::mem::size_of::<FILE_MODE_INFORMATION>() as u32,
+            FileModeInformation,
+        )
+    };
+    result >= 0 && mode.Mode & (FILE_SYNCHRONOUS_IO_ALERT | FILE_SYNCHRONOUS_IO_NONALERT) == 0
+}
+
+/// Writes an error to the Windows Application event log (source `wfastcgi`): before a request
+/// names the site's WSGI_LOG, and under IIS with no standard error, it is the only place an
+/// administrator can read why the process stopped.
+pub fn report_error(message: &str) {
+    let source: Vec<u16> = "wfastcgi\0".encode_utf16().collect();
+    let text: Vec<u16> = message.encode_utf16().chain(Some(0)).collect();
+    let strings = [text.as_ptr()];
+    // SAFETY: NUL-terminated strings that outlive the calls; the handle is closed after use.
+    unsafe {
+        let log = RegisterEventSourceW(std::ptr::null(), source.as_ptr());
+        if log.is_null() {
+            return;
+        }
+        ReportEventW(
+            log,
+            EVENTLOG_ERROR_TYPE,
+            0,
+            1,
+            std::ptr::null_mut(),
+            1,
+            0,
+            strings.as_ptr(),
+            std::ptr::null(),
+        );
+        DeregisterEventSource(log);
     }
 }
 

@@ -5,14 +5,17 @@
 //! `pyvenv.cfg`) and its site-packages are on `sys.path`. pyo3 sees an initialised interpreter and
 //! skips its own start-up. No Python signal handlers are installed: the Rust side owns signals.
 
+#[cfg(unix)]
 use std::ffi::CString;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use pyo3::ffi;
 use pyo3::prelude::*;
+
+use crate::config::AppConfig;
 
 /// The interpreter a virtualenv would run.
 pub fn venv_python(venv: &Path) -> Result<PathBuf> {
@@ -37,12 +40,29 @@ pub fn venv_python(venv: &Path) -> Result<PathBuf> {
     Ok(python)
 }
 
+/// Whether CPython is running. On Windows nothing may call into Python before its DLL is loaded.
+fn running() -> bool {
+    #[cfg(windows)]
+    if super::library::loaded().is_none() {
+        return false;
+    }
+    // SAFETY: Py_IsInitialized may be called at any time once the library is loaded.
+    unsafe { ffi::Py_IsInitialized() != 0 }
+}
+
 /// Starts CPython (once per process) and leaves no thread holding the GIL.
-pub fn start(venv: Option<&Path>) -> Result<()> {
-    if unsafe { ffi::Py_IsInitialized() } != 0 {
+pub fn start(config: &AppConfig) -> Result<()> {
+    if running() {
         return Ok(());
     }
-    let executable = venv.map(venv_python).transpose()?;
+    let venv = config.venv();
+    let executable = venv.as_deref().map(venv_python).transpose()?;
+    #[cfg(windows)]
+    let home = super::library::load(&super::library::Search {
+        python_home: config.python_home().as_deref(),
+        venv: venv.as_deref(),
+    })
+    .map_err(anyhow::Error::msg)?;
     // SAFETY: the PyConfig API is used as CPython documents it: initialised, filled, used once,
     // cleared; Python is not running yet, so no other thread can touch it.
     unsafe {
@@ -51,23 +71,62 @@ pub fn start(venv: Option<&Path>) -> Result<()> {
         let mut config = config.assume_init();
         config.install_signal_handlers = 0;
         config.parse_argv = 0;
-        if let Some(executable) = &executable {
-            let path = CString::new(executable.to_string_lossy().into_owned())
-                .context("virtualenv path contains a NUL byte")?;
-            let status =
-                ffi::PyConfig_SetBytesString(&mut config, &mut config.executable, path.as_ptr());
-            if ffi::PyStatus_Exception(status) != 0 {
-                ffi::PyConfig_Clear(&mut config);
-                return Err(status_error(&status));
+        let mut status = match &executable {
+            Some(executable) => set_path(&mut config, |c| &mut c.executable, executable),
+            // The process is wfastcgi.exe, usually not beside the DLL: Python's home is the
+            // DLL's folder (a virtualenv's pyvenv.cfg says it instead).
+            #[cfg(windows)]
+            None => set_path(&mut config, |c| &mut c.home, home),
+            #[cfg(not(windows))]
+            None => Ok(()),
+        };
+        if status.is_ok() {
+            let started = ffi::Py_InitializeFromConfig(&config);
+            if ffi::PyStatus_Exception(started) != 0 {
+                status = Err(status_error(&started));
             }
         }
-        let status = ffi::Py_InitializeFromConfig(&config);
         ffi::PyConfig_Clear(&mut config);
-        if ffi::PyStatus_Exception(status) != 0 {
-            return Err(status_error(&status));
-        }
+        status?;
         // Release the GIL taken by initialisation; workers attach as they need it.
         ffi::PyEval_SaveThread();
+    }
+    Ok(())
+}
+
+/// CPython's `wchar_t`, which PyConfig's strings are made of.
+#[cfg(windows)]
+type WideChar = u16;
+#[cfg(unix)]
+type WideChar = libc::wchar_t;
+
+/// Sets a path field of a PyConfig being filled.
+///
+/// # Safety
+/// `config` is initialised and not yet used to start Python.
+unsafe fn set_path(
+    config: &mut ffi::PyConfig,
+    field: impl Fn(&mut ffi::PyConfig) -> &mut *mut WideChar,
+    path: &Path,
+) -> Result<()> {
+    #[cfg(windows)]
+    let status = {
+        use std::os::windows::ffi::OsStrExt;
+        let wide: Vec<u16> = path.as_os_str().encode_wide().chain(Some(0)).collect();
+        let target: *mut *mut WideChar = field(config);
+        ffi::PyConfig_SetString(config, target, wide.as_ptr())
+    };
+    #[cfg(not(windows))]
+    let status = {
+        use anyhow::Context as _;
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = CString::new(path.as_os_str().as_bytes())
+            .with_context(|| format!("{} contains a NUL byte", path.display()))?;
+        let target: *mut *mut WideChar = field(config);
+        ffi::PyConfig_SetBytesString(config, target, bytes.as_ptr())
+    };
+    if ffi::PyStatus_Exception(status) != 0 {
+        return Err(status_error(&status));
     }
     Ok(())
 }
@@ -88,7 +147,7 @@ unsafe fn status_error(status: &ffi::PyStatus) -> anyhow::Error {
 /// hold the exit: atexit handlers run anyway and finalisation (which would wait for them) is
 /// skipped, since the process is about to end.
 pub fn finalize(grace: Duration) {
-    if unsafe { ffi::Py_IsInitialized() } == 0 {
+    if !running() {
         return;
     }
     let deadline = Instant::now() + grace;

@@ -9,6 +9,8 @@ mod extras;
 mod handler;
 mod input;
 pub mod interpreter;
+#[cfg(windows)]
+pub mod library;
 mod response;
 mod streams;
 
