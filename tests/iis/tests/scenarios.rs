@@ -444,10 +444,22 @@ fn wsgi_python_home_finds_python_for_a_binary_alone_in_its_folder() {
     assert!(answer.text().contains("3.11."), "{}", answer.text());
 }
 
+/// Runs Windows' `reg` command (Wine has one too).
+fn reg(args: &[&str]) {
+    let status = std::process::Command::new("reg")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run reg");
+    assert!(status.success(), "reg {args:?}");
+}
+
+// One test, not two: the registry is shared by every process of the Wine prefix.
 #[test]
-fn without_python_every_request_is_a_500_naming_the_dll_and_where_it_looked() {
+fn python_from_the_registry_and_a_500_naming_every_place_without_it() {
     let site = site("no-python", &[("WSGI_HANDLER", "hello.app")]);
-    let process = start_exe(&bare_exe("no-python"), &site, false);
+    let exe = bare_exe("no-python");
+    let process = start_exe(&exe, &site, false);
     let mut client = Client::new(process.pipe());
     for _ in 0..2 {
         let answer = get(&mut client, &site, "/", "");
@@ -462,6 +474,17 @@ fn without_python_every_request_is_a_500_naming_the_dll_and_where_it_looked() {
         process.is_running(),
         "the process stays up to explain itself"
     );
+    drop(client);
+    drop(process);
+
+    // The python.org installer registers its folder (PEP 514).
+    let key = r"HKCU\Software\Python\PythonCore\3.11\InstallPath";
+    let home = folder("WFASTCGI_PYTHON_HOME").display().to_string();
+    reg(&["add", key, "/ve", "/d", &home, "/f"]);
+    let process = start_exe(&exe, &site, false);
+    let answer = get(&mut Client::new(process.pipe()), &site, "/", "");
+    reg(&["delete", r"HKCU\Software\Python\PythonCore\3.11", "/f"]);
+    assert_eq!(answer.status, 200, "{}", answer.stderr_text());
 }
 
 /// `wfastcgi.exe check`, run as an administrator would, with its output.
