@@ -7,7 +7,7 @@
 //! data exports (`PyExc_*`, the type objects) through the import table, which a delay-load
 //! thunk cannot stand in for.
 
-use std::ffi::{c_char, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::os::windows::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use windows_sys::Win32::Foundation::{GetLastError, HMODULE};
 use windows_sys::Win32::System::LibraryLoader::{
-    GetModuleFileNameW, GetProcAddress, LoadLibraryExW, LOAD_WITH_ALTERED_SEARCH_PATH,
+    GetModuleFileNameW, LoadLibraryExW, LOAD_WITH_ALTERED_SEARCH_PATH,
 };
 use windows_sys::Win32::System::Registry::{
     RegGetValueW, HKEY, HKEY_CURRENT_USER, HKEY_LOCAL_MACHINE, RRF_RT_REG_SZ,
@@ -25,34 +25,6 @@ use windows_sys::Win32::System::Registry::{
 pub const DLL: &str = env!("WFASTCGI_PYTHON_DLL");
 
 const ERROR_BAD_EXE_FORMAT: u32 = 193;
-
-/// The delay-import descriptor of the DLL (`ImgDelayDescr`; every address an image offset).
-#[repr(C)]
-struct DelayDescriptor {
-    attributes: u32,
-    dll_name: u32,
-    module_handle: u32,
-    address_table: u32,
-    name_table: u32,
-    bound_table: u32,
-    unload_table: u32,
-    timestamp: u32,
-}
-
-extern "C" {
-    /// The start of this executable's image, which the descriptor's offsets are relative to.
-    static __ImageBase: u8;
-    /// Written by dlltool into the delay-import library build.rs makes.
-    #[link_name = "__DELAY_IMPORT_DESCRIPTOR_python_dll_a"]
-    static PYTHON_IMPORTS: DelayDescriptor;
-    /// mingw-w64's delay-load helper (libmingwex): resolves one import and patches its slot.
-    /// (Its `__HrLoadAllImportsForDll` cannot be used: GNU ld leaves the image's delay-import
-    /// directory empty, which that function searches.)
-    fn __delayLoadHelper2(descriptor: *const DelayDescriptor, slot: *mut usize) -> usize;
-}
-
-/// Names in the import table with this bit set are ordinals, not names.
-const ORDINAL_FLAG: usize = 1 << (usize::BITS - 1);
 
 /// Where the DLL was loaded from, once it is.
 static LOADED: OnceLock<PathBuf> = OnceLock::new();
@@ -203,42 +175,9 @@ fn module_path(module: HMODULE) -> Option<PathBuf> {
     (length > 0).then(|| PathBuf::from(OsString::from_wide(&buffer[..length as usize])))
 }
 
-/// Binds every import of the loaded DLL, so nothing is resolved lazily later. A DLL that lacks
-/// one of them (another CPython version renamed as this one) is refused here, with the name,
-/// rather than crashing the process at the first call.
+/// Records where the DLL was loaded from, once its imports are bound.
 fn bind(module: HMODULE, path: PathBuf) -> Result<&'static Path, String> {
-    // SAFETY: the descriptor and the tables it points to are in this image, laid out by dlltool
-    // and the linker; the name table ends with a zero entry; each name entry is a 2-byte hint
-    // followed by a NUL-terminated name. The helper patches one slot of the address table.
-    unsafe {
-        let base = std::ptr::addr_of!(__ImageBase) as usize;
-        let descriptor = std::ptr::addr_of!(PYTHON_IMPORTS);
-        let names = (base + (*descriptor).name_table as usize) as *const usize;
-        let slots = (base + (*descriptor).address_table as usize) as *mut usize;
-        let count = (0..).take_while(|&i| *names.add(i) != 0).count();
-        let missing: Vec<String> = (0..count)
-            .map(|i| *names.add(i))
-            .filter(|entry| entry & ORDINAL_FLAG == 0)
-            .map(|entry| (base + entry + 2) as *const c_char)
-            .filter(|&name| GetProcAddress(module, name.cast()).is_none())
-            .map(|name| {
-                std::ffi::CStr::from_ptr(name)
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "{} is not the CPython {} this wfastcgi was built for: it lacks {}",
-                path.display(),
-                env!("WFASTCGI_BUILD_PYTHON_VERSION"),
-                missing.join(", ")
-            ));
-        }
-        for i in 0..count {
-            __delayLoadHelper2(descriptor, slots.add(i));
-        }
-    }
+    delay::bind_imports(module, &path)?;
     let folder = path.parent().map(Path::to_path_buf).unwrap_or_default();
     tracing::info!("Python: {}", path.display());
     Ok(LOADED.get_or_init(|| folder).as_path())
@@ -266,4 +205,94 @@ fn registry_string(root: HKEY, key: &str) -> Option<PathBuf> {
     }
     let chars = (size as usize / 2).saturating_sub(1);
     Some(PathBuf::from(OsString::from_wide(&buffer[..chars])))
+}
+
+/// The delay-load binding of mingw builds (build.rs).
+#[cfg(target_env = "gnu")]
+mod delay {
+    use std::ffi::c_char;
+    use std::path::Path;
+
+    use windows_sys::Win32::Foundation::HMODULE;
+    use windows_sys::Win32::System::LibraryLoader::GetProcAddress;
+
+    /// The delay-import descriptor of the DLL (`ImgDelayDescr`; every address an image offset).
+    #[repr(C)]
+    struct DelayDescriptor {
+        attributes: u32,
+        dll_name: u32,
+        module_handle: u32,
+        address_table: u32,
+        name_table: u32,
+        bound_table: u32,
+        unload_table: u32,
+        timestamp: u32,
+    }
+
+    extern "C" {
+        /// The start of this executable's image: the descriptor's offsets are relative to it.
+        static __ImageBase: u8;
+        /// Written by dlltool into the delay-import library build.rs makes.
+        #[link_name = "__DELAY_IMPORT_DESCRIPTOR_python_dll_a"]
+        static PYTHON_IMPORTS: DelayDescriptor;
+        /// mingw-w64's delay-load helper (libmingwex): resolves one import and patches its slot.
+        /// (Its `__HrLoadAllImportsForDll` cannot be used: GNU ld leaves the image's delay-import
+        /// directory empty, which that function searches.)
+        fn __delayLoadHelper2(descriptor: *const DelayDescriptor, slot: *mut usize) -> usize;
+    }
+
+    /// Names in the import table with this bit set are ordinals, not names.
+    const ORDINAL_FLAG: usize = 1 << (usize::BITS - 1);
+
+    /// Binds every import of the loaded DLL, so nothing is resolved lazily later. A DLL that
+    /// lacks one of them (another CPython version renamed as this one) is refused here, with
+    /// the name, rather than crashing the process at the first call.
+    pub fn bind_imports(module: HMODULE, path: &Path) -> Result<(), String> {
+        // SAFETY: the descriptor and the tables it points to are in this image, laid out by
+        // dlltool and the linker; the name table ends with a zero entry; each name entry is a
+        // 2-byte hint followed by a NUL-terminated name. The helper patches one table slot.
+        unsafe {
+            let base = std::ptr::addr_of!(__ImageBase) as usize;
+            let descriptor = std::ptr::addr_of!(PYTHON_IMPORTS);
+            let names = (base + (*descriptor).name_table as usize) as *const usize;
+            let slots = (base + (*descriptor).address_table as usize) as *mut usize;
+            let count = (0..).take_while(|&i| *names.add(i) != 0).count();
+            let missing: Vec<String> = (0..count)
+                .map(|i| *names.add(i))
+                .filter(|entry| entry & ORDINAL_FLAG == 0)
+                .map(|entry| (base + entry + 2) as *const c_char)
+                .filter(|&name| GetProcAddress(module, name.cast()).is_none())
+                .map(|name| {
+                    std::ffi::CStr::from_ptr(name)
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            if !missing.is_empty() {
+                return Err(format!(
+                    "{} is not the CPython {} this wfastcgi was built for: it lacks {}",
+                    path.display(),
+                    env!("WFASTCGI_BUILD_PYTHON_VERSION"),
+                    missing.join(", ")
+                ));
+            }
+            for i in 0..count {
+                __delayLoadHelper2(descriptor, slots.add(i));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Other toolchains (MSVC, building the sdist on Windows) link the DLL as an ordinary import:
+/// the loader has bound it before `main`, so the process needs it beside the binary or on PATH.
+#[cfg(not(target_env = "gnu"))]
+mod delay {
+    use std::path::Path;
+
+    use windows_sys::Win32::Foundation::HMODULE;
+
+    pub fn bind_imports(_module: HMODULE, _path: &Path) -> Result<(), String> {
+        Ok(())
+    }
 }
