@@ -1,10 +1,12 @@
 //! Real web servers in front of the binary, each started by the test on loopback and stopped by
 //! it: nginx (Unix socket and TCP, FCGI_KEEP_CONN on and off) with the Django example,
 //! lighttpd spawning the binary (fd 0 a listening socket), spawn-fcgi, Apache mod_proxy_fcgi,
-//! and libfcgi's cgi-fcgi. The servers come from the distribution; .ci/run installs them.
+//! libfcgi's cgi-fcgi, and Caddy. The servers come from the distribution; scripts/test installs
+//! them when it can. A test whose server is not installed says so on stderr and does nothing.
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,6 +32,22 @@ impl Drop for Server {
     }
 }
 
+/// Whether `program` is installed; when not, says on stderr (past the test harness's capture,
+/// so it shows in the cargo run) that `test` is skipped and why.
+fn installed(program: &str, test: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .any(|dir| dir.join(program).is_file());
+    if !found {
+        let _ = writeln!(
+            std::io::stderr(),
+            "\nSKIPPED {test}: {program} is not installed (scripts/test installs it when run as root)"
+        );
+    }
+    found
+}
+
 fn start(program: &str, args: &[&str]) -> Server {
     let child = Command::new(program)
         .args(args)
@@ -37,7 +55,7 @@ fn start(program: &str, args: &[&str]) -> Server {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} (installed by .ci/run): {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
     Server(child)
 }
 
@@ -139,7 +157,9 @@ const FASTCGI_PARAMS: &str = "
             fastcgi_param SERVER_PORT $server_port;
             fastcgi_param SERVER_SOFTWARE nginx/$nginx_version;
             fastcgi_param REMOTE_ADDR $remote_addr;
-            fastcgi_param HTTP_HOST $host;";
+            fastcgi_param HTTP_HOST $host;
+            # The README's fix for Debian's stock line above, which drops the port.
+            fastcgi_param HTTP_HOST $host:$server_port;";
 
 /// nginx on `port` passing everything to `upstream` (`127.0.0.1:P` or `unix:/path`).
 fn nginx(dir: &Path, port: u16, upstream: &str, keep_conn: bool) -> Server {
@@ -265,6 +285,8 @@ fn django_behind_nginx(unix: bool, keep_conn: bool) {
         &[
             ("Content-Type", "application/x-www-form-urlencoded"),
             ("Cookie", &cookie),
+            // As a browser sends it: Django compares it with the Host, port included.
+            ("Origin", &base),
         ],
         body.as_bytes(),
     );
@@ -313,21 +335,33 @@ fn django_behind_nginx(unix: bool, keep_conn: bool) {
 
 #[test]
 fn nginx_unix_socket_keep_conn() {
+    if !installed("nginx", "nginx_unix_socket_keep_conn") {
+        return;
+    }
     django_behind_nginx(true, true);
 }
 
 #[test]
 fn nginx_unix_socket_one_request_per_connection() {
+    if !installed("nginx", "nginx_unix_socket_one_request_per_connection") {
+        return;
+    }
     django_behind_nginx(true, false);
 }
 
 #[test]
 fn nginx_tcp_keep_conn() {
+    if !installed("nginx", "nginx_tcp_keep_conn") {
+        return;
+    }
     django_behind_nginx(false, true);
 }
 
 #[test]
 fn nginx_tcp_one_request_per_connection() {
+    if !installed("nginx", "nginx_tcp_one_request_per_connection") {
+        return;
+    }
     django_behind_nginx(false, false);
 }
 
@@ -350,6 +384,15 @@ fn check_hello_and_echo(base: &str) {
     assert_eq!(json["sha256"], sha256_hex(&body));
 }
 
+/// `wfastcgi serve` on a free loopback port for `app`, and that address.
+fn tcp_gateway(app: &AppDir) -> (Gateway, std::net::SocketAddr) {
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let Some(Address::Tcp(address)) = gateway.address.clone() else {
+        unreachable!("bound to TCP")
+    };
+    (gateway, address)
+}
+
 /// An app folder whose handler answers /hello and /echo.
 fn hello_and_echo_app() -> AppDir {
     let app = AppDir::new("routes.app", &[]);
@@ -367,6 +410,12 @@ fn hello_and_echo_app() -> AppDir {
 
 #[test]
 fn lighttpd_spawns_the_binary_with_a_listening_socket() {
+    if !installed(
+        "lighttpd",
+        "lighttpd_spawns_the_binary_with_a_listening_socket",
+    ) {
+        return;
+    }
     let app = hello_and_echo_app();
     let port = free_tcp_address().port();
     let dir = app.path();
@@ -401,11 +450,11 @@ fastcgi.server = ( \"/\" => ((
 
 #[test]
 fn apache_mod_proxy_fcgi() {
+    if !installed("apache2", "apache_mod_proxy_fcgi") {
+        return;
+    }
     let app = hello_and_echo_app();
-    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
-    let Some(Address::Tcp(upstream)) = gateway.address.clone() else {
-        unreachable!()
-    };
+    let (_gateway, upstream) = tcp_gateway(&app);
     let port = free_tcp_address().port();
     let dir = app.path();
     let modules = "/usr/lib/apache2/modules";
@@ -434,6 +483,9 @@ ProxyPass \"/\" \"fcgi://{upstream}/\"
 
 #[test]
 fn spawn_fcgi_hands_over_a_listening_socket() {
+    if !installed("spawn-fcgi", "spawn_fcgi_hands_over_a_listening_socket") {
+        return;
+    }
     let app = hello_and_echo_app();
     let port = free_tcp_address().port();
     let _spawned = start(
@@ -469,11 +521,11 @@ fn spawn_fcgi_hands_over_a_listening_socket() {
 
 #[test]
 fn libfcgi_cgi_fcgi_connect() {
+    if !installed("cgi-fcgi", "libfcgi_cgi_fcgi_connect") {
+        return;
+    }
     let app = hello_and_echo_app();
-    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
-    let Some(Address::Tcp(address)) = gateway.address.clone() else {
-        unreachable!()
-    };
+    let (_gateway, address) = tcp_gateway(&app);
     let run = |method: &str, body: &[u8]| {
         let mut child = Command::new("cgi-fcgi")
             .args(["-bind", "-connect", &address.to_string()])
@@ -486,7 +538,7 @@ fn libfcgi_cgi_fcgi_connect() {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .expect("cgi-fcgi (libfcgi-bin, installed by .ci/run)");
+            .expect("cgi-fcgi");
         use std::io::Write;
         child
             .stdin
@@ -503,4 +555,101 @@ fn libfcgi_cgi_fcgi_connect() {
     let body = bytes_of(50_000, 8);
     let echo = run("POST", &body);
     assert!(echo.contains(&sha256_hex(&body)), "{echo}");
+}
+
+/// One raw HTTP/1.0 request to `127.0.0.1:port`; the response's body.
+fn raw_http_body(port: u16, request: &str) -> Vec<u8> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read response");
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    response[split + 4..].to_vec()
+}
+
+/// nginx 1.22 passes a request header sent twice as two parameters of the same name; the
+/// application sees them joined as HTTP joins field lines (Cookie with `; `).
+#[test]
+fn nginx_repeated_headers_are_joined() {
+    if !installed("nginx", "nginx_repeated_headers_are_joined") {
+        return;
+    }
+    let app = AppDir::new("hello.environ_app", &[]);
+    let (_gateway, upstream) = tcp_gateway(&app);
+    let port = free_tcp_address().port();
+    let _nginx = nginx(app.path(), port, &upstream.to_string(), true);
+    let body = raw_http_body(
+        port,
+        &format!(
+            "GET /env HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nX-Dup: one\r\nX-Dup: two\r\n\
+             Cookie: a=1\r\nCookie: b=2\r\n\r\n"
+        ),
+    );
+    let env: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)));
+    assert_eq!(env["HTTP_X_DUP"], "one, two", "{env}");
+    assert_eq!(env["HTTP_COOKIE"], "a=1; b=2", "{env}");
+    // Host: the last HTTP_HOST parameter (the README's fix after Debian's `$host` line).
+    assert_eq!(env["HTTP_HOST"], format!("127.0.0.1:{port}"), "{env}");
+}
+
+/// Caddy's FastCGI transport (`php_fastcgi` without the PHP): a chunked upload reaches the
+/// gateway with CONTENT_LENGTH -1 and its body streamed, an upload with a length as usual.
+#[test]
+fn caddy_reverse_proxy_fastcgi_transport() {
+    if !installed("caddy", "caddy_reverse_proxy_fastcgi_transport") {
+        return;
+    }
+    let app = hello_and_echo_app();
+    let (_gateway, upstream) = tcp_gateway(&app);
+    let port = free_tcp_address().port();
+    let dir = app.path();
+    let config = format!(
+        "{{
+    admin off
+    auto_https off
+}}
+http://127.0.0.1:{port} {{
+    reverse_proxy {upstream} {{
+        transport fastcgi
+    }}
+}}
+"
+    );
+    let caddyfile = dir.join("Caddyfile");
+    std::fs::write(&caddyfile, config).expect("write Caddyfile");
+    let child = Command::new("caddy")
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(&caddyfile)
+        .env("HOME", dir)
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start caddy");
+    let _caddy = Server(child);
+    wait_for_port(port);
+    let base = format!("http://127.0.0.1:{port}");
+    check_hello_and_echo(&base);
+
+    let body = bytes_of(1_000_000, 11);
+    let mut reader = std::io::Cursor::new(body.clone());
+    let echo = reply(
+        agent()
+            .post(&format!("{base}/echo"))
+            .header("Content-Type", "application/octet-stream")
+            .send(ureq::SendBody::from_reader(&mut reader)),
+    );
+    assert_eq!(echo.status, 200, "{}", echo.text());
+    let json: serde_json::Value = serde_json::from_slice(&echo.body).expect("json");
+    assert_eq!(json["length"], body.len(), "the chunked upload, whole");
+    assert_eq!(json["sha256"], sha256_hex(&body));
 }
