@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -652,4 +653,215 @@ http://127.0.0.1:{port} {{
     let json: serde_json::Value = serde_json::from_slice(&echo.body).expect("json");
     assert_eq!(json["length"], body.len(), "the chunked upload, whole");
     assert_eq!(json["sha256"], sha256_hex(&body));
+}
+
+/// A W3C WebDriver session in headless Chromium, driven through chromedriver.
+struct Browser {
+    http: ureq::Agent,
+    session: String,
+    _user_data: tempfile::TempDir,
+    _driver: Server,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_tcp_address().port();
+        let driver = start("chromedriver", &[&format!("--port={port}")]);
+        wait_for_port(port);
+        let user_data = tempfile::tempdir().expect("tempdir");
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            &format!("--user-data-dir={}", user_data.path().display()),
+        ];
+        let capabilities = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args},
+        }}});
+        let http = agent();
+        let base = format!("http://127.0.0.1:{port}/session");
+        let created = webdriver(&http, &base, &capabilities);
+        let session = created["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {created}"))
+            .to_owned();
+        Browser {
+            http,
+            session: format!("{base}/{session}"),
+            _user_data: user_data,
+            _driver: driver,
+        }
+    }
+
+    fn open(&self, url: &str) {
+        webdriver(
+            &self.http,
+            &format!("{}/url", self.session),
+            &serde_json::json!({"url": url}),
+        );
+    }
+
+    /// Runs `script` in the page; with `done` it is asynchronous and calls its last argument.
+    fn run(&self, script: &str, done: bool) -> serde_json::Value {
+        let kind = if done { "async" } else { "sync" };
+        webdriver(
+            &self.http,
+            &format!("{}/execute/{kind}", self.session),
+            &serde_json::json!({"script": script, "args": []}),
+        )
+    }
+
+    /// Evaluates `expression` in the page until it is true (the page loads after a submit).
+    fn wait_for(&self, expression: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.run(&format!("return !!({expression});"), false) != true {
+            assert!(Instant::now() < deadline, "never true: {expression}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.http.delete(&self.session).call();
+    }
+}
+
+/// A WebDriver command; its `value`.
+fn webdriver(http: &ureq::Agent, url: &str, body: &serde_json::Value) -> serde_json::Value {
+    let answer = reply(
+        http.post(url)
+            .header("Content-Type", "application/json")
+            .send(body.to_string().as_bytes()),
+    );
+    let json: serde_json::Value = serde_json::from_slice(&answer.body).expect("WebDriver JSON");
+    assert_eq!(answer.status, 200, "WebDriver {url}: {json}");
+    json["value"].clone()
+}
+
+/// `scripts/demo` as a person runs it, its pages in a real browser, then Ctrl-C: ready only when
+/// the gateway listens; the stylesheet applies (nginx serves it as text/css); the form posts
+/// with CSRF (the browser sends Origin); a 3 MiB upload passes nginx; one Ctrl-C drains.
+#[test]
+fn demo_in_a_real_browser() {
+    let test = "demo_in_a_real_browser";
+    if !["nginx", "chromium", "chromedriver"]
+        .iter()
+        .all(|program| installed(program, test))
+    {
+        return;
+    }
+    let port = free_tcp_address().port();
+    let gateway = free_tcp_address();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let stderr = dir.path().join("demo.stderr");
+    let mut demo = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo"))
+        .env("WFASTCGI_BIN", BINARY)
+        .env("WFASTCGI_DEMO_PORT", port.to_string())
+        .env("WFASTCGI_DEMO_GATEWAY", gateway.to_string())
+        .env("WFASTCGI_TEST_VENV", venv())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        // Its own process group, as a terminal's foreground job: Ctrl-C is sent to the group.
+        .process_group(0)
+        .spawn()
+        .expect("start scripts/demo");
+    let stdout = demo.stdout.take().expect("stdout");
+    let (lines, ready) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let ctrl_c = || {
+        // SAFETY: killpg(2) on the process group of our own child.
+        unsafe { libc::killpg(demo.id() as i32, libc::SIGINT) };
+    };
+    let said = loop {
+        match ready.recv_timeout(Duration::from_secs(120)) {
+            Ok(line) if line.starts_with("ready") => break line,
+            Ok(_) => continue,
+            Err(e) => {
+                ctrl_c();
+                panic!(
+                    "scripts/demo never said ready ({e}): {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        }
+    };
+    assert!(
+        said.contains(&format!("http://127.0.0.1:{port}/")) && said.contains(&gateway.to_string()),
+        "{said}"
+    );
+    assert!(
+        std::net::TcpStream::connect(gateway).is_ok(),
+        "ready before the gateway listens"
+    );
+
+    let base = format!("http://127.0.0.1:{port}");
+    let browser = Browser::start();
+    browser.open(&format!("{base}/"));
+    // style.css sets `max-width: 40em` on the body: 640px once applied.
+    assert_eq!(
+        browser.run("return getComputedStyle(document.body).maxWidth;", false),
+        "640px",
+        "the stylesheet does not apply"
+    );
+    browser.open(&format!("{base}/form/"));
+    browser.run(
+        "document.querySelector('input[name=name]').value = 'Ann Lee';
+         document.querySelector('button[type=submit]').click();",
+        false,
+    );
+    browser.wait_for("document.querySelector('h1') && document.querySelector('h1').textContent.startsWith('Hello')");
+    assert_eq!(
+        browser.run("return document.querySelector('h1').textContent;", false),
+        "Hello, Ann Lee!"
+    );
+    browser.open(&format!("{base}/upload/"));
+    let uploaded = browser.run(
+        "const done = arguments[arguments.length - 1];
+         const form = new FormData();
+         form.append('csrfmiddlewaretoken',
+                     document.querySelector('[name=csrfmiddlewaretoken]').value);
+         form.append('file', new Blob([new Uint8Array(3 * 1024 * 1024)]), 'big.bin');
+         fetch('/upload/', {method: 'POST', body: form})
+             .then(r => r.text().then(t => done([r.status, t])))
+             .catch(e => done([0, String(e)]));",
+        true,
+    );
+    assert_eq!(uploaded[0], 200, "{uploaded}");
+    let json: serde_json::Value =
+        serde_json::from_str(uploaded[1].as_str().expect("text")).expect("json");
+    assert_eq!(json["size"], 3 * 1024 * 1024);
+    drop(browser);
+
+    ctrl_c();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Ok(Some(status)) = demo.try_wait() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "scripts/demo did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(status.success(), "{status:?}: {log}");
+    assert!(
+        log.contains("signal received: finishing the requests in flight"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("second signal"),
+        "one Ctrl-C signalled twice: {log}"
+    );
 }
