@@ -207,10 +207,7 @@ fn main() -> ExitCode {
         None => (None, None, None, cli.app),
         Some(tool_command) => return tool(tool_command),
     };
-    if let (Some(_), false) = (
-        socket_mode,
-        bind.as_deref().is_some_and(|b| b.starts_with("unix:")),
-    ) {
+    if socket_mode.is_some() && !bind.as_deref().is_some_and(|b| b.starts_with("unix:")) {
         eprintln!(
             "wfastcgi: --socket-mode is the file mode of a Unix socket; it needs --bind unix:PATH"
         );
