@@ -749,6 +749,26 @@ fn webdriver(http: &ureq::Agent, url: &str, body: &serde_json::Value) -> serde_j
     json["value"].clone()
 }
 
+/// `scripts/demo`, in a process group of its own as a terminal's foreground job; stopped with
+/// Ctrl-C (SIGINT to the group) when dropped, so a failing test leaves nothing running.
+struct Demo(Child);
+
+impl Demo {
+    fn ctrl_c(&self) {
+        // SAFETY: killpg(2) on the process group of our own child.
+        unsafe { libc::killpg(self.0.id() as i32, libc::SIGINT) };
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.ctrl_c();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `scripts/demo` as a person runs it, its pages in a real browser, then Ctrl-C: ready only when
 /// the gateway listens; the stylesheet applies (nginx serves it as text/css); the form posts
 /// with CSRF (the browser sends Origin); a 3 MiB upload passes nginx; one Ctrl-C drains.
@@ -765,7 +785,7 @@ fn demo_in_a_real_browser() {
     let gateway = free_tcp_address();
     let dir = tempfile::tempdir().expect("tempdir");
     let stderr = dir.path().join("demo.stderr");
-    let mut demo = Command::new("bash")
+    let demo = Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo"))
         .env("WFASTCGI_BIN", BINARY)
         .env("WFASTCGI_DEMO_PORT", port.to_string())
@@ -778,23 +798,19 @@ fn demo_in_a_real_browser() {
         .process_group(0)
         .spawn()
         .expect("start scripts/demo");
-    let stdout = demo.stdout.take().expect("stdout");
+    let mut demo = Demo(demo);
+    let stdout = demo.0.stdout.take().expect("stdout");
     let (lines, ready) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
             let _ = lines.send(line);
         }
     });
-    let ctrl_c = || {
-        // SAFETY: killpg(2) on the process group of our own child.
-        unsafe { libc::killpg(demo.id() as i32, libc::SIGINT) };
-    };
     let said = loop {
         match ready.recv_timeout(Duration::from_secs(120)) {
             Ok(line) if line.starts_with("ready") => break line,
             Ok(_) => continue,
             Err(e) => {
-                ctrl_c();
                 panic!(
                     "scripts/demo never said ready ({e}): {}",
                     std::fs::read_to_string(&stderr).unwrap_or_default()
@@ -849,10 +865,10 @@ fn demo_in_a_real_browser() {
     assert_eq!(json["size"], 3 * 1024 * 1024);
     drop(browser);
 
-    ctrl_c();
+    demo.ctrl_c();
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
-        if let Ok(Some(status)) = demo.try_wait() {
+        if let Ok(Some(status)) = demo.0.try_wait() {
             break status;
         }
         assert!(Instant::now() < deadline, "scripts/demo did not stop");
