@@ -17,21 +17,21 @@ struct Report {
 
 impl Report {
     fn ok(&mut self, line: impl AsRef<str>) {
-        println!("ok    {}", line.as_ref());
+        crate::outln!("ok    {}", line.as_ref());
     }
 
     fn warn(&mut self, line: impl AsRef<str>) {
-        println!("warn  {}", line.as_ref());
+        crate::outln!("warn  {}", line.as_ref());
     }
 
     fn fail(&mut self, line: impl AsRef<str>) {
         self.failures += 1;
-        println!("FAIL  {}", line.as_ref());
+        crate::outln!("FAIL  {}", line.as_ref());
     }
 
     fn detail(&mut self, text: &str) {
         for line in text.lines() {
-            println!("      {line}");
+            crate::outln!("      {line}");
         }
     }
 }
@@ -101,12 +101,12 @@ pub fn run(
     check_web_config_handler(&mut report, &config);
     check_python(&mut report, &config, request);
     if report.failures == 0 {
-        println!(
+        crate::outln!(
             "\nEverything needed to serve {} is in order.",
             config.app_dir.display()
         );
     } else {
-        println!("\n{} problem(s) found.", report.failures);
+        crate::outln!("\n{} problem(s) found.", report.failures);
     }
     report.failures == 0
 }
@@ -145,7 +145,10 @@ fn check_settings(report: &mut Report, config: &AppConfig) {
 
 fn check_log(report: &mut Report, config: &AppConfig) {
     let Some(path) = config.log_path() else {
-        report.warn("WSGI_LOG is not set: errors are logged nowhere (IIS gives no console)");
+        report.warn(
+            "WSGI_LOG is not set: `serve --bind` logs to its standard error, but under IIS \
+             (which gives no console) and in `serve --processes` workers errors are logged nowhere",
+        );
         return;
     };
     let opened = path
@@ -268,8 +271,22 @@ fn check_python(report: &mut Report, config: &AppConfig, request: Option<&str>) 
         multithread: false,
         multiprocess: true,
     };
+    let app = match python::load(config, deployment) {
+        Ok(app) => app,
+        Err(e) => return report.fail(format!("GET {url} could not be served: {e}")),
+    };
+    // What the application logs (Django logs a failing view's traceback to stderr, a plain
+    // WSGI app's is logged by the gateway) is collected while the request runs on this thread.
+    let logged = LogCapture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logged.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .without_time()
+        .with_target(false)
+        .finish();
     let answered =
-        python::load(config, deployment).and_then(|app| python::run_request(&app, config, url));
+        tracing::subscriber::with_default(subscriber, || python::run_request(&app, config, url));
     match answered {
         Ok(answer) => {
             let line = format!(
@@ -284,10 +301,43 @@ fn check_python(report: &mut Report, config: &AppConfig, request: Option<&str>) 
             for (name, value) in &answer.headers {
                 report.detail(&format!("{name}: {value}"));
             }
-            if !answer.stderr.is_empty() {
-                report.detail(&answer.stderr);
+            let logged = logged.text();
+            if !logged.is_empty() {
+                report.detail("logged while handling it:");
+                report.detail(&logged);
             }
         }
         Err(e) => report.fail(format!("GET {url} could not be served: {e}")),
+    }
+}
+
+/// Log lines written while `check --request` runs the request.
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    fn text(&self) -> String {
+        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&bytes).trim_end().to_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        bytes.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
     }
 }

@@ -129,8 +129,9 @@ pub fn register(
     let argv = appcmd_argv(&appcmd, &app, registration);
     if dry_run {
         for arg in &argv {
-            println!("{arg}");
+            crate::outln!("{arg}");
         }
+        crate::outln!("\nAs one line for cmd:\n{}", cmd_line(&argv));
     } else {
         let output = Command::new(&argv[0])
             .args(&argv[1..])
@@ -141,7 +142,10 @@ pub fn register(
                     argv[0]
                 )
             })?;
-        print!("{}", String::from_utf8_lossy(&output.stdout));
+        let text = String::from_utf8_lossy(&output.stdout);
+        if !text.is_empty() {
+            crate::outln!("{}", text.trim_end_matches(['\r', '\n']));
+        }
         if !output.status.success() {
             eprint!("{}", String::from_utf8_lossy(&output.stderr));
             let code = output
@@ -152,10 +156,56 @@ pub fn register(
         }
     }
     if registration == Registration::Enable {
-        println!("\nscriptProcessor=\"{}\"\n", app.script_processor());
-        println!("{}", app.handlers_snippet());
+        crate::outln!("\nscriptProcessor=\"{}\"\n", app.script_processor());
+        crate::outln!("{}", app.handlers_snippet());
     }
     Ok(())
+}
+
+/// `argv` as one line to paste into cmd.exe: each argument quoted as Windows programs split
+/// their command line (the rules `std::process::Command` quotes by), then cmd's own special
+/// characters escaped with `^` where cmd's quoting (toggled by every `"`) leaves them exposed.
+pub fn cmd_line(argv: &[String]) -> String {
+    let mut line = String::new();
+    for arg in argv {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        if !arg.is_empty() && !arg.contains([' ', '\t', '"']) {
+            line.push_str(arg);
+            continue;
+        }
+        line.push('"');
+        let mut backslashes = 0;
+        for c in arg.chars() {
+            if c == '\\' {
+                backslashes += 1;
+                continue;
+            }
+            // Backslashes are literal unless they precede a quote.
+            let escapes = if c == '"' {
+                2 * backslashes + 1
+            } else {
+                backslashes
+            };
+            line.extend(std::iter::repeat_n('\\', escapes));
+            line.push(c);
+            backslashes = 0;
+        }
+        line.extend(std::iter::repeat_n('\\', 2 * backslashes));
+        line.push('"');
+    }
+    let mut quoted = false;
+    let mut escaped = String::with_capacity(line.len());
+    for c in line.chars() {
+        if c == '"' {
+            quoted = !quoted;
+        } else if !quoted && "&|<>^()".contains(c) {
+            escaped.push('^');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 /// A complete `web.config` for a Django project `project` (its settings module is
@@ -285,6 +335,23 @@ pub fn points_at(script_processor: &str, exe: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cmd_line_quotes_for_the_program_and_escapes_for_cmd() {
+        let argv: Vec<String> = [
+            r"C:\Program Files\IIS Express\appcmd.exe",
+            "set",
+            r#"/+[fullPath='C:\a b\w.exe', arguments='--venv "C:\My Site\venv\"']"#,
+            r"C:\R&D\",
+            "",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            cmd_line(&argv),
+            r#""C:\Program Files\IIS Express\appcmd.exe" set "/+[fullPath='C:\a b\w.exe', arguments='--venv \"C:\My Site\venv\\\"']" C:\R^&D\ """#
+        );
+    }
 
     fn app(exe: &str, args: &[&str]) -> FastCgiApp {
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();

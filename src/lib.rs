@@ -1,5 +1,32 @@
 //! wfastcgi: a FastCGI-to-WSGI gateway that embeds CPython. See ARCHITECTURE.md.
 
+/// `println!` for the commands' reports: a closed standard output (`wfastcgi check | head -1`)
+/// ends the process quietly, as command-line tools do, instead of panicking.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout_line(format_args!($($arg)*))
+    };
+}
+
+#[doc(hidden)]
+pub fn write_stdout_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("wfastcgi: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 #[cfg(target_os = "linux")]
 pub mod acceptor;
 pub mod check;

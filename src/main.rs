@@ -17,7 +17,14 @@ use wfastcgi::{iis, logging};
 /// pipe or a listening socket), and the application is the one named by WSGI_HANDLER in the
 /// web.config of the first request's APPL_PHYSICAL_PATH.
 #[derive(Parser)]
-#[command(name = "wfastcgi", version, about, long_about)]
+// Options given before a command would apply to nothing: refused.
+#[command(
+    name = "wfastcgi",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -33,11 +40,15 @@ enum Command {
     Check {
         /// The app folder, or its web.config (default: the working directory).
         target: Option<PathBuf>,
+        /// The app folder (the same as TARGET).
+        #[arg(long, value_name = "DIR", conflicts_with = "target")]
+        app_dir: Option<PathBuf>,
+        /// A virtualenv to run the application in (as WSGI_VENV).
+        #[arg(long, value_name = "DIR")]
+        venv: Option<PathBuf>,
         /// Also send one GET for this path (and query) through the real handler.
         #[arg(long, value_name = "/PATH")]
         request: Option<String>,
-        #[command(flatten)]
-        app: AppArgs,
     },
     /// Register this binary with IIS as a FastCGI application (appcmd), and print the
     /// scriptProcessor value and a <handlers> entry to use.
@@ -58,9 +69,9 @@ enum Command {
         /// `HOST:PORT` or `unix:/path/to/socket`.
         #[arg(long, value_name = "ADDR")]
         bind: Option<String>,
-        /// File mode of a Unix socket, in octal.
-        #[arg(long, value_name = "MODE", default_value = "0660", value_parser = parse_mode)]
-        socket_mode: u32,
+        /// File mode of a Unix socket (`--bind unix:PATH`), in octal [default: 0660].
+        #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+        socket_mode: Option<u32>,
         /// Run N worker processes under a supervisor that holds the socket.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         processes: Option<u16>,
@@ -119,8 +130,8 @@ struct AppArgs {
     #[arg(long, value_name = "DIR")]
     venv: Option<PathBuf>,
     /// Python worker threads (as WSGI_THREADS); default 1 under IIS, 4 with --bind.
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
 
 #[cfg(unix)]
@@ -145,14 +156,16 @@ fn tool(command: Command) -> ExitCode {
     let result = match command {
         Command::Check {
             target,
+            app_dir,
+            venv,
             request,
-            app,
         } => {
             let options = Options {
-                venv: app.venv,
+                venv,
                 ..Options::default()
             };
-            let fine = wfastcgi::check::run(target, options.overrides(), request.as_deref());
+            let fine =
+                wfastcgi::check::run(target.or(app_dir), options.overrides(), request.as_deref());
             return if fine {
                 ExitCode::SUCCESS
             } else {
@@ -167,10 +180,8 @@ fn tool(command: Command) -> ExitCode {
         }
         Command::Config { django, venv } => std::env::current_exe()
             .map(|exe| {
-                print!(
-                    "{}",
-                    iis::django_web_config(&django, &exe.to_string_lossy(), venv.as_deref())
-                )
+                let xml = iis::django_web_config(&django, &exe.to_string_lossy(), venv.as_deref());
+                wfastcgi::outln!("{}", xml.trim_end_matches('\n'))
             })
             .map_err(Into::into),
         Command::Serve { .. } => unreachable!("serving is not a tool"),
@@ -193,9 +204,15 @@ fn main() -> ExitCode {
             processes,
             app,
         }) => (bind, socket_mode, processes, app),
-        None => (None, 0o660, None, cli.app),
+        None => (None, None, None, cli.app),
         Some(tool_command) => return tool(tool_command),
     };
+    if socket_mode.is_some() && !bind.as_deref().is_some_and(|b| b.starts_with("unix:")) {
+        eprintln!(
+            "wfastcgi: --socket-mode is the file mode of a Unix socket; it needs --bind unix:PATH"
+        );
+        return ExitCode::from(2);
+    }
     #[cfg(unix)]
     let supervised = std::env::var_os(supervisor::LISTEN_FD_VAR).is_some();
     #[cfg(not(unix))]
@@ -204,7 +221,7 @@ fn main() -> ExitCode {
     let activated = activation_transport();
     let transport = match (activated, &bind) {
         (Some(transport), _) => Ok(transport),
-        (None, Some(address)) => Transport::bind(address, socket_mode),
+        (None, Some(address)) => Transport::bind(address, socket_mode.unwrap_or(0o660)),
         (None, None) => Transport::from_stdin().map_err(|e| match e {
             StdinError::Terminal => anyhow::anyhow!(
                 "standard input is a terminal, not a FastCGI connection.\n\
@@ -236,7 +253,7 @@ fn main() -> ExitCode {
     let options = Options {
         app_dir: app.app_dir.clone(),
         venv: app.venv.clone(),
-        threads: app.threads,
+        threads: app.threads.map(usize::from),
         multiprocess: bind.is_none() || supervised || processes.is_some_and(|n| n > 1),
         supervised,
     };

@@ -277,6 +277,21 @@ fn content_length_mismatches_and_garbage() {
     // Not a number: 400 without running the application.
     let refused = client.request(&Send::new(3, &with_length("ten")).body(b"0123456789"));
     assert_eq!(refused.status, 400);
+    // Negative (Caddy's -1 for a chunked upload): unknown, so the body is STDIN to its end, and
+    // the application sees no CONTENT_LENGTH.
+    let json = client
+        .request(&Send::new(6, &with_length("-1")).body(b"0123456789"))
+        .json();
+    assert_eq!(json["length"], 10);
+    let env_app = AppDir::new("hello.environ_app", &[]);
+    let mut params = env_app.iis_params("POST", "/");
+    set_param(&mut params, "CONTENT_LENGTH", "-1");
+    let mut env_gateway = Gateway::iis(&[]);
+    let env = env_gateway
+        .client()
+        .request(&Send::new(1, &params).body(b"abc"))
+        .json();
+    assert!(env.get("CONTENT_LENGTH").is_none(), "{env}");
     // Over WSGI_MAX_BODY: 413 before the application reads a byte.
     let body = vec![b'x'; 5000];
     let refused = client.request(&Send::new(4, &with_length("5000")).body(&body));

@@ -182,3 +182,28 @@ fn the_virtualenv_is_the_interpreter_prefix() {
     assert_eq!(prefix.canonicalize().expect("prefix path"), venv);
     assert_ne!(json["prefix"], json["base_prefix"]);
 }
+
+/// `check --request` on a failing Django view shows the traceback Django logged (to stderr,
+/// which the gateway logs), not only the 500.
+#[test]
+fn check_request_shows_what_the_application_logged() {
+    let output = std::process::Command::new(BINARY)
+        .arg("check")
+        .arg(site())
+        .arg("--venv")
+        .arg(venv())
+        .args(["--request", "/boom/"])
+        .output()
+        .expect("run wfastcgi check");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL  GET /boom/ answered 500 Internal Server Error"),
+        "{report}"
+    );
+    assert!(report.contains("logged while handling it:"), "{report}");
+    assert!(
+        report.contains("RuntimeError: boom: deliberate error to show the 500 page"),
+        "{report}"
+    );
+}

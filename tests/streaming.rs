@@ -213,3 +213,35 @@ fn aborts_mid_upload_and_mid_download() {
     let mut client = gateway.connect();
     assert_eq!(client.get(1, &app.iis_params("GET", "/count")).text(), "1");
 }
+
+/// PEP 3333: no block may be delayed. The chunk that completes a declared Content-Length
+/// reaches the web server while the generator is still running, not with END_REQUEST after it
+/// ends: the client sees the whole body, then releases the generator, and only then gets
+/// END_REQUEST.
+#[test]
+fn the_last_chunk_is_not_held_until_the_iterable_ends() {
+    let app = AppDir::new("stream.works_after_last_chunk", &[]);
+    let flag = app.path().join("release");
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let url = format!("/?flag={}", flag.display());
+    client.send(&Send::new(1, &app.iis_params("GET", &url)));
+    let mut stdout = Vec::new();
+    while !stdout.ends_with(b"hello") {
+        match client.read_record() {
+            Some(Record::Stdout { content, .. }) => stdout.extend_from_slice(&content),
+            other => panic!(
+                "{other:?} before the whole body arrived: the last chunk waited for the generator"
+            ),
+        }
+    }
+    std::fs::write(&flag, b"").expect("release the generator");
+    let rest = client.read_response(1);
+    assert!(rest.body.is_empty(), "{rest:?}");
+    assert!(
+        app.wait_for_log("stdout: \"released\"")
+            .contains("stdout: \"released\""),
+        "{}",
+        app.log()
+    );
+}

@@ -52,6 +52,14 @@ fn enable_and_disable_dry_run() {
         "{text}"
     );
     assert!(text.contains("responseBufferLimit=\"0\""), "{text}");
+    // The same command as one line to paste into cmd: the argument with spaces quoted, its
+    // inner quotes escaped as Windows programs read them.
+    let one_line = format!(
+        "{} set config /section:system.webServer/fastCGI \"/+[fullPath='{BINARY}', arguments='--venv \\\"C:\\My Site\\venv\\\"', signalBeforeTerminateSeconds='30']\"",
+        lines[0]
+    );
+    assert_eq!(lines[6], "As one line for cmd:", "{text}");
+    assert_eq!(lines[7], one_line, "{text}");
 
     let output = wfastcgi(&["disable", "--dry-run"]);
     assert_eq!(
@@ -421,4 +429,142 @@ fn a_missing_debugger_is_logged_not_fatal() {
     assert!(app
         .wait_for_log("debugpy could not start")
         .contains("No module named 'debugpy'"));
+}
+
+/// Runs the binary with `args` and nothing on standard input; kills it after 10 s. The exit
+/// code (None when it had to be killed: it carried on) and standard error.
+fn run_briefly(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BINARY)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run wfastcgi");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    let _ = child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr);
+    (code, stderr)
+}
+
+/// Every option either works where it is accepted or is refused, naming itself.
+#[test]
+fn each_commands_options_work_or_are_refused() {
+    let app = AppDir::new("hello.app", &[]);
+    let dir = app.path().to_string_lossy().into_owned();
+    // check --app-dir DIR checks DIR, whatever the working directory.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let output = Command::new(BINARY)
+        .args(["check", "--app-dir", &dir])
+        .current_dir(elsewhere.path())
+        .output()
+        .expect("run wfastcgi");
+    let report = stdout(&output);
+    assert!(output.status.success(), "{report}");
+    assert!(
+        report.contains(&format!(
+            "ok    read {}",
+            app.path().join("web.config").display()
+        )),
+        "{report}"
+    );
+    let refused: &[(&[&str], &str)] = &[
+        (&["check", "--threads", "2", &dir], "--threads"),
+        (&["check", &dir, "--app-dir", &dir], "--app-dir"),
+        (&["--venv", &dir, "check", &dir], "--venv"),
+        (&["--threads", "2", "serve"], "--threads"),
+        (&["config", "--django", "x", "--threads", "2"], "--threads"),
+        (
+            &[
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--app-dir",
+                &dir,
+                "--socket-mode",
+                "0600",
+            ],
+            "--socket-mode",
+        ),
+        (
+            &["serve", "--socket-mode", "0600", "--app-dir", &dir],
+            "--socket-mode",
+        ),
+        (
+            &[
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--app-dir",
+                &dir,
+                "--threads",
+                "0",
+            ],
+            "--threads",
+        ),
+        (&["--app-dir", &dir, "--threads", "0"], "--threads"),
+        (
+            &[
+                "serve",
+                "--bind",
+                "127.0.0.1:0",
+                "--app-dir",
+                &dir,
+                "--processes",
+                "0",
+            ],
+            "--processes",
+        ),
+    ];
+    for (args, option) in refused {
+        let (code, stderr) = run_briefly(args);
+        assert_eq!(code, Some(2), "wfastcgi {args:?} was not refused: {stderr}");
+        assert!(stderr.contains(option), "wfastcgi {args:?}: {stderr}");
+    }
+}
+
+/// A reader that stops early (`wfastcgi check | head -1`) ends the command quietly.
+#[test]
+fn a_closed_standard_output_ends_check_quietly() {
+    let app = AppDir::new("hello.app", &[]);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let output = Command::new(BINARY)
+        .arg("check")
+        .arg(app.path())
+        .stdout(writer)
+        .output()
+        .expect("run wfastcgi");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+/// Without WSGI_LOG the check says where errors go in each mode.
+#[test]
+fn check_says_where_errors_go_without_wsgi_log() {
+    let app = AppDir::new("hello.app", &[("WSGI_LOG", "")]);
+    let (_, report) = check(app.path(), &[]);
+    assert!(
+        report.contains(
+            "warn  WSGI_LOG is not set: `serve --bind` logs to its standard error, but under IIS"
+        ),
+        "{report}"
+    );
 }

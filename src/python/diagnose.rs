@@ -166,7 +166,6 @@ pub struct RequestReport {
     pub status: String,
     pub headers: Vec<(String, String)>,
     pub body_length: usize,
-    pub stderr: String,
 }
 
 /// Sends one GET for `url` (path and query) through the real request path of a loaded app.
@@ -194,15 +193,13 @@ pub fn run_request(app: &App, config: &AppConfig, url: &str) -> Result<RequestRe
     let mut records = collector
         .join()
         .map_err(|_| "the response collector failed".to_owned())?;
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut stdout = Vec::new();
     while let Some(record) = RecordDecoder
         .decode(&mut records)
         .map_err(|e| e.to_string())?
     {
-        match record {
-            Record::Stdout { content, .. } => stdout.extend_from_slice(&content),
-            Record::Stderr { content, .. } => stderr.extend_from_slice(&content),
-            _ => {}
+        if let Record::Stdout { content, .. } = record {
+            stdout.extend_from_slice(&content);
         }
     }
     let split = stdout
@@ -224,7 +221,6 @@ pub fn run_request(app: &App, config: &AppConfig, url: &str) -> Result<RequestRe
         status,
         headers,
         body_length: stdout.len() - split - 4,
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
 }
 

@@ -204,16 +204,39 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
     }
 }
 
-/// CONTENT_LENGTH as a number; absent or empty is `None`; anything else is an error.
+/// CONTENT_LENGTH as a number; absent, empty or negative is `None`; anything else is an error.
 fn content_length(params: &Params) -> Result<Option<u64>, ()> {
-    match params.get(b"CONTENT_LENGTH").map(|v| v.trim_ascii()) {
+    match params.get(b"CONTENT_LENGTH") {
         None => Ok(None),
-        Some([]) => Ok(None),
-        Some(v) => std::str::from_utf8(v)
+        Some(v) if is_unknown_length(v) => Ok(None),
+        Some(v) => std::str::from_utf8(v.trim_ascii())
             .ok()
             .and_then(|v| v.parse().ok())
             .map(Some)
             .ok_or(()),
+    }
+}
+
+/// An empty CONTENT_LENGTH (nginx, for a body-less request) or a negative one (Caddy's `-1` for
+/// a chunked upload it streams) means the length is not known: the body is STDIN to its end.
+fn is_unknown_length(value: &[u8]) -> bool {
+    match value.trim_ascii() {
+        [] => true,
+        [b'-', digits @ ..] => !digits.is_empty() && digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    }
+}
+
+/// How a request header sent more than once is joined (nginx passes each as a parameter of the
+/// same name): with `; ` for Cookie, `, ` for the others, as HTTP combines field lines. Host is a
+/// single value: the last one wins, so a `fastcgi_param HTTP_HOST` after an included
+/// `fastcgi_params` overrides it. `None` for parameters that are not joined.
+fn repeated_header_separator(name: &[u8]) -> Option<&'static str> {
+    match name {
+        b"HTTP_HOST" => None,
+        b"HTTP_COOKIE" => Some("; "),
+        _ if name.starts_with(b"HTTP_") => Some(", "),
+        _ => None,
     }
 }
 
@@ -245,13 +268,25 @@ impl App {
     ) -> PyResult<Bound<'py, PyDict>> {
         let environ = self.base_environ.bind(py).copy()?;
         LAST_PARAMS.with_borrow_mut(|last| -> PyResult<()> {
-            // nginx sends these empty for body-less requests; PEP 3333 wants them absent.
-            let present = params.iter().filter(|(name, value)| {
-                !(value.is_empty() && (*name == b"CONTENT_LENGTH" || *name == b"CONTENT_TYPE"))
+            // nginx sends these empty for body-less requests, Caddy CONTENT_LENGTH -1 for a
+            // body of unknown length; PEP 3333 wants them absent.
+            let present = params.iter().filter(|(name, value)| match *name {
+                b"CONTENT_LENGTH" => !is_unknown_length(value),
+                b"CONTENT_TYPE" => !value.is_empty(),
+                _ => true,
             });
             for (index, (name, value)) in present.enumerate() {
-                let (name, value) = last.strings(py, index, name, value)?;
-                environ.set_item(name, value)?;
+                let (name_str, value_str) = last.strings(py, index, name, value)?;
+                match repeated_header_separator(name) {
+                    Some(separator) => match environ.get_item(&name_str)? {
+                        Some(earlier) => {
+                            let joined = earlier.add(separator)?.add(value_str)?;
+                            environ.set_item(name_str, joined)?;
+                        }
+                        None => environ.set_item(name_str, value_str)?,
+                    },
+                    None => environ.set_item(name_str, value_str)?,
+                }
             }
             Ok(())
         })?;

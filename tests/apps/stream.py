@@ -100,3 +100,22 @@ def tracked_stream(environ, start_response):
             closes.append("generator")
 
     return chunks()
+
+
+def works_after_last_chunk(environ, start_response):
+    """Declares a Content-Length, yields all of it, then keeps working inside the generator
+    until the file `flag` (query) exists, at most 10 s, and prints whether it was released.
+    Only a client that got the whole body before the generator ended can create the file."""
+    import os
+
+    flag = parse_qs(environ.get("QUERY_STRING", ""))["flag"][0]
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+
+    def chunks():
+        yield b"hello"
+        deadline = time.monotonic() + 10
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("released" if os.path.exists(flag) else "never released")
+
+    return chunks()
