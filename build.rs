@@ -30,6 +30,13 @@ fn main() {
     let dll = format!("python{}{}.dll", version.major, version.minor);
     println!("cargo:rustc-env=WFASTCGI_PYTHON_DLL={dll}");
     if std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu") {
+        // pyo3 reads the same variable; with raw-dylib it would import the DLL directly.
+        println!("cargo:rerun-if-env-changed=PYO3_USE_RAW_DYLIB");
+        assert!(
+            std::env::var("PYO3_USE_RAW_DYLIB").as_deref() == Ok("0"),
+            "a Windows build needs PYO3_USE_RAW_DYLIB=0 (this repository's .cargo/config.toml \
+             sets it): python3X.dll is delay-loaded through the import library build.rs makes"
+        );
         let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
         let arch = std::env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets the target arch");
         let library = delay_import_library(&out, &arch, (version.major, version.minor), &dll);
