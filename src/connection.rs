@@ -368,7 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         if !content.is_empty() {
-            return params.push(content);
+            return params.push(&content);
         }
         let State::ReadingParams {
             request_id,

@@ -468,7 +468,7 @@ impl Driver {
                     content,
                 } => match &mut request {
                     Some((id, _, params)) if *id == request_id && !content.is_empty() => {
-                        if let Err(e) = params.push(content) {
+                        if let Err(e) = params.push(&content) {
                             tracing::warn!("connection closed: protocol error: {e}");
                             return None;
                         }

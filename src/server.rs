@@ -568,10 +568,33 @@ async fn watch_signals(trigger: Trigger) {
     }
 }
 
-/// Replaces this process with a fresh copy of the binary, same arguments, passing `listener` as
-/// fd 3 by the socket activation protocol. Returns only if the exec failed.
+/// Whether `reexec` can start the binary now; why not, when not (it was deleted or replaced by
+/// something that cannot run). Checked before a restart starts draining, since after that
+/// a failed exec can only exit.
 #[cfg(unix)]
-pub fn reexec(listener: Socket) -> io::Error {
+pub fn can_reexec() -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    match std::fs::metadata(&exe) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(format!("{} is not an executable file", exe.display())),
+        Err(e) => Err(format!(
+            "this binary, {}, cannot be run: {e}",
+            exe.display()
+        )),
+    }
+}
+
+/// Replaces this process with a fresh copy of the binary, same arguments, passing `listener` as
+/// fd 3 by the socket activation protocol. The new process gets `environment` (the one this
+/// process started with), not the current one, which holds web.config's settings as they were:
+/// a setting since removed would live on, and a large one can exceed the kernel's limit for
+/// exec (E2BIG). Returns only if the exec failed.
+#[cfg(unix)]
+pub fn reexec(
+    listener: Socket,
+    environment: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> io::Error {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     const FIRST_FD: i32 = 3;
@@ -593,6 +616,8 @@ pub fn reexec(listener: Socket) -> io::Error {
     };
     std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
+        .env_clear()
+        .envs(environment.iter().map(|(k, v)| (k, v)))
         .env("LISTEN_FDS", "1")
         .env("LISTEN_PID", std::process::id().to_string())
         .exec()

@@ -90,6 +90,8 @@ fn watch_settings(config: &AppConfig) -> WatchSettings {
         roots,
         pattern: config.restart_regex(),
         poll_interval: config.watcher_poll().unwrap_or(None),
+        // A failed worker start keeps the old worker serving.
+        can_restart: None,
     }
 }
 
