@@ -149,6 +149,13 @@ impl AppConfig {
         Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
     }
 
+    /// `WSGI_SEND_TIMEOUT`: seconds a write to the web server may make no progress before the
+    /// connection is closed (listening modes); 0 turns it off.
+    pub fn send_timeout(&self) -> Result<Option<Duration>> {
+        let seconds = self.parse_number("WSGI_SEND_TIMEOUT", 60)?;
+        Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
+    }
+
     /// `WSGI_QUEUE_LENGTH`: requests that may wait for a busy worker; more get a 503.
     pub fn queue_length(&self) -> Result<usize> {
         match self.get_nonempty("WSGI_QUEUE_LENGTH") {

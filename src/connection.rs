@@ -60,6 +60,8 @@ pub struct ServerContext {
     pub allowed_peers: Option<Vec<std::net::IpAddr>>,
     /// How long a connection may sit without a request in progress before it is closed.
     pub idle_timeout: Option<std::time::Duration>,
+    /// How long a write may make no progress before the connection is closed.
+    pub send_timeout: Option<std::time::Duration>,
 }
 
 /// Why a connection ended early.
@@ -175,8 +177,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             self.process_buffered()?;
             if !self.replies.is_empty() {
-                let replies = self.replies.split().freeze();
-                self.stream.write_all(&replies).await?;
+                let mut replies = [self.replies.split().freeze()];
+                let send_timeout = self.context.send_timeout;
+                write_all_vectored(&mut self.stream, &mut replies, send_timeout).await?;
             }
             if self.is_done() {
                 let _ = self.stream.shutdown().await;
@@ -569,7 +572,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.close_after_request = true;
             }
         }
-        write_all_vectored(&mut self.stream, &mut batch).await?;
+        write_all_vectored(&mut self.stream, &mut batch, self.context.send_timeout).await?;
         Ok(())
     }
 }
@@ -658,10 +661,13 @@ async fn deliver_pending_body(
     true
 }
 
-/// Writes every buffer, using one system call for as many as the kernel takes at once.
+/// Writes every buffer, using one system call for as many as the kernel takes at once. A write
+/// that makes no progress for `timeout` fails: a web server that never reads cannot keep the
+/// connection, while a slow one that reads keeps it.
 async fn write_all_vectored<S: AsyncWrite + Unpin>(
     stream: &mut S,
     buffers: &mut [Bytes],
+    timeout: Option<std::time::Duration>,
 ) -> io::Result<()> {
     let mut first = 0;
     while first < buffers.len() {
@@ -670,7 +676,16 @@ async fn write_all_vectored<S: AsyncWrite + Unpin>(
             continue;
         }
         let slices: Vec<IoSlice<'_>> = buffers[first..].iter().map(|b| IoSlice::new(b)).collect();
-        let mut written = stream.write_vectored(&slices).await?;
+        let write = stream.write_vectored(&slices);
+        let mut written = match timeout {
+            Some(limit) => tokio::time::timeout(limit, write).await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the web server read nothing for {limit:?} (WSGI_SEND_TIMEOUT)"),
+                )
+            })??,
+            None => write.await?,
+        };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use socket2::Socket;
@@ -31,8 +32,11 @@ use crate::shutdown::Shutdown;
 
 /// How often a wait for the next request looks at the shutdown flag (the socket's receive
 /// time-out: one system call per wait, not a read, a poll and a read).
-const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+const POLL: Duration = Duration::from_millis(200);
 const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
+/// How long a worker reads a request head (and records that start no request) on an accepted
+/// connection before handing it to the I/O thread: web servers send a head at once.
+const HEAD_LIMIT: Duration = POLL;
 
 /// FCGI_MAX_CONNS and FCGI_MAX_REQS, as GET_VALUES answers them.
 #[derive(Debug, Clone, Copy)]
@@ -102,7 +106,11 @@ impl Wire {
     /// `POLL` (`wait`) or not at all for more bytes; `Quiet` when none came. A shutdown does not
     /// cut this short: a request already on its way is served, as the tokio connection lingers
     /// for it.
-    fn next_record_soon(&mut self, wait: bool) -> Result<Soon, ConnectionError> {
+    fn next_record_soon(
+        &mut self,
+        wait: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Soon, ConnectionError> {
         loop {
             if let Some(record) = self.pending.pop_front() {
                 return Ok(Soon::Record(record));
@@ -111,6 +119,10 @@ impl Wire {
                 return Ok(Soon::Record(record));
             }
             match self.fill(wait)? {
+                // A record trickling in byte by byte never times a read out.
+                Filled::Data if deadline.is_some_and(|at| Instant::now() >= at) => {
+                    return Ok(Soon::Quiet)
+                }
                 Filled::Data => {}
                 Filled::TimedOut => return Ok(Soon::Quiet),
                 Filled::End => {
@@ -125,7 +137,7 @@ impl Wire {
     /// Records of anything else (an abort, the next request) are kept for later.
     fn drain_body_soon(&mut self, request_id: u16) -> bool {
         loop {
-            match self.next_record_soon(false) {
+            match self.next_record_soon(false, None) {
                 Ok(Soon::Record(Record::Stdin {
                     request_id: id,
                     content,
@@ -178,11 +190,25 @@ impl Wire {
         }
     }
 
+    /// Writes everything; on an accepted connection whose web server has read nothing for
+    /// `WSGI_SEND_TIMEOUT` (the socket's send time-out) the connection is closed, so a peer
+    /// that never reads cannot hold the worker. A slow reader's progress resets the time-out.
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        match &self.socket {
-            Some(socket) => (&*socket).write_all(data),
-            None => Err(io::ErrorKind::NotConnected.into()),
+        let Some(socket) = &self.socket else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let written = (&*socket).write_all(data);
+        if let Err(e) = &written {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                let limit = socket.write_timeout().ok().flatten().unwrap_or_default();
+                tracing::warn!(
+                    "connection closed: the web server read nothing for {limit:?} \
+                     (WSGI_SEND_TIMEOUT)"
+                );
+                self.socket = None;
+            }
         }
+        written
     }
 
     /// Whether request `id` was aborted (or the web server left) since the last look, reading
@@ -312,8 +338,10 @@ impl Driver {
         socket: Socket,
         shutdown: Shutdown,
         advertised: Advertised,
+        send_timeout: Option<Duration>,
         buf: BytesMut,
     ) -> io::Result<Driver> {
+        socket.set_write_timeout(send_timeout)?;
         Driver::with(socket, shutdown, advertised, Parking::FirstRequest, buf)
     }
 
@@ -386,6 +414,9 @@ impl Driver {
             return None;
         }
         let mut request: Option<(u16, bool, ParamsBuilder)> = None;
+        // A head sent slowly, or a stream of records that starts no request, goes to the I/O
+        // thread once this passes, so workers stay free for complete requests.
+        let deadline = Instant::now() + HEAD_LIMIT;
         loop {
             let wait_briefly = match self.parking {
                 Parking::Never | Parking::Parked | Parking::ParkedDraining => None,
@@ -398,15 +429,17 @@ impl Driver {
             let started = request.is_some();
             let stop = || !started && shutdown.reason().is_some();
             let next = match wait_briefly {
-                Some(wait) => wire.next_record_soon(wait),
+                Some(_) if Instant::now() >= deadline => Ok(Soon::Quiet),
+                Some(wait) => wire.next_record_soon(wait, Some(deadline)),
                 None => wire
                     .next_record(&stop)
                     .map(|record| record.map_or(Soon::End, Soon::Record)),
             };
             let record = match next {
                 Ok(Soon::Record(record)) => record,
-                // A request head that stalls goes to the I/O thread, encoded again as far as it
-                // came, so a client sending it slowly does not hold a worker.
+                // A request head that stalls, or takes longer than `HEAD_LIMIT`, goes to the I/O
+                // thread, encoded again as far as it came, so a client sending it slowly does
+                // not hold a worker.
                 Ok(Soon::Quiet) => {
                     let mut buffered = BytesMut::new();
                     if let Some((request_id, keep_conn, params)) = &request {

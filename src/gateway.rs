@@ -153,15 +153,22 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         other => other,
     };
     // Under IIS, IIS owns connection lifetimes: no idle timeout.
-    let (queue_length, allowed_peers, idle_timeout) = match eager_site.as_ref().map(|s| &s.config) {
-        Some(Ok(config)) if !iis_stream => (
-            config.queue_length()?,
-            config.web_server_addrs()?,
-            config.idle_timeout()?,
-        ),
-        Some(Ok(config)) => (config.queue_length()?, config.web_server_addrs()?, None),
-        _ => (config::DEFAULT_QUEUE_LENGTH, None, None),
-    };
+    let (queue_length, allowed_peers, idle_timeout, send_timeout) =
+        match eager_site.as_ref().map(|s| &s.config) {
+            Some(Ok(config)) if !iis_stream => (
+                config.queue_length()?,
+                config.web_server_addrs()?,
+                config.idle_timeout()?,
+                config.send_timeout()?,
+            ),
+            Some(Ok(config)) => (
+                config.queue_length()?,
+                config.web_server_addrs()?,
+                None,
+                None,
+            ),
+            _ => (config::DEFAULT_QUEUE_LENGTH, None, None, None),
+        };
     let (jobs, job_receiver) = worker::queue(queue_length);
     let (max_conns, max_reqs) = if iis_stream {
         (1, 1)
@@ -178,6 +185,8 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             max_conns,
             max_reqs,
         },
+        !options.supervised,
+        send_timeout,
     )
     .context("cannot share the listening socket with the workers")?;
     let context = Arc::new(ServerContext {
@@ -187,6 +196,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         max_reqs,
         allowed_peers,
         idle_timeout,
+        send_timeout,
     });
     // One I/O thread: the protocol work is light next to Python's, and fewer threads mean
     // fewer cross-thread wake-ups (measured, hello on a unix socket, pinned: 43-47k against

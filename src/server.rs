@@ -43,6 +43,10 @@ pub enum Transport {
 pub struct Handoff {
     pub acceptor: Arc<crate::acceptor::Acceptor>,
     pub parked: crate::acceptor::Parked,
+    /// Whether to accept for workers that are all stuck. Not when other processes accept on
+    /// the same socket (`--processes`): a connection waits in the backlog for a free thread
+    /// in any of them, rather than in this one's queue (or its 503) while another is idle.
+    pub overflow: bool,
 }
 
 /// How often the I/O thread looks whether every worker is stuck with connections waiting.
@@ -270,6 +274,7 @@ async fn accept_loop(
     tracing::info!("listening on {}", describe(&socket));
     let listener = adopt_listener(socket)?;
     let mut connections = JoinSet::new();
+    let mut accept_failing = false;
     loop {
         // At FCGI_MAX_CONNS, the next connection waits in the backlog for one to finish.
         if connections.len() >= context.max_conns {
@@ -282,6 +287,7 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
+                    accept_failing = false;
                     if let Some(peer) = stream.refused_peer(context.allowed_peers.as_deref()) {
                         tracing::warn!("connection from {peer} refused: not in FCGI_WEB_SERVER_ADDRS");
                         continue;
@@ -289,8 +295,12 @@ async fn accept_loop(
                     connections.spawn(stream.serve(context.clone(), shutdown.clone(), Handover::default()));
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::error!("accept failed: {e}");
+                    // Out of file descriptors and the like: wait instead of spinning, and log
+                    // once until it works again.
+                    if !accept_failing {
+                        tracing::error!("accept failed: {e}; retrying every 100ms (logged once)");
+                        accept_failing = true;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -316,6 +326,7 @@ async fn overflow_loop(
     let Handoff {
         acceptor,
         mut parked,
+        overflow,
     } = handoff;
     let stop_workers = acceptor.stop_on_drop();
     let connection_shutdown = shutdown.clone();
@@ -353,7 +364,7 @@ async fn overflow_loop(
                 }
             }
             _ = tick.tick() => {
-                if acceptor.stuck(&mut taken) {
+                if overflow && acceptor.stuck(&mut taken) {
                     while connections.len() < context.max_conns {
                         let Ok(Some(socket)) = acceptor.accept() else { break };
                         serve(&mut connections, ParkedConnection::fresh(socket));
@@ -457,6 +468,10 @@ impl Stream {
             ready = self.readable() => ready.is_ok(),
             () = idle => {
                 crate::connection::log_idle_close(idle_timeout.unwrap_or_default());
+                return;
+            }
+            () = acceptor.reclaim.notified() => {
+                tracing::info!("idle connection closed: accepting is out of descriptors");
                 return;
             }
             // The connection lingers for a request already on its way, then closes.
