@@ -149,6 +149,14 @@ impl AppConfig {
         Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
     }
 
+    /// `WSGI_HEADER_TIMEOUT`: seconds a request head (BEGIN_REQUEST to the end of the
+    /// parameters) may take to arrive before the connection is closed (listening modes); 0
+    /// turns it off.
+    pub fn header_timeout(&self) -> Result<Option<Duration>> {
+        let seconds = self.parse_number("WSGI_HEADER_TIMEOUT", 60)?;
+        Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
+    }
+
     /// `WSGI_SEND_TIMEOUT`: seconds a write to the web server may make no progress before the
     /// connection is closed (listening modes); 0 turns it off.
     pub fn send_timeout(&self) -> Result<Option<Duration>> {

@@ -152,23 +152,17 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         Transport::Stream(socket) => return serve_direct(socket, eager_site, &options, trigger),
         other => other,
     };
-    // Under IIS, IIS owns connection lifetimes: no idle timeout.
-    let (queue_length, allowed_peers, idle_timeout, send_timeout) =
-        match eager_site.as_ref().map(|s| &s.config) {
-            Some(Ok(config)) if !iis_stream => (
-                config.queue_length()?,
-                config.web_server_addrs()?,
-                config.idle_timeout()?,
-                config.send_timeout()?,
-            ),
-            Some(Ok(config)) => (
-                config.queue_length()?,
-                config.web_server_addrs()?,
-                None,
-                None,
-            ),
-            _ => (config::DEFAULT_QUEUE_LENGTH, None, None, None),
-        };
+    let config = match eager_site.as_ref().map(|s| &s.config) {
+        Some(Ok(config)) => Some(config),
+        _ => None,
+    };
+    let queue_length = config.map_or(Ok(config::DEFAULT_QUEUE_LENGTH), AppConfig::queue_length)?;
+    let allowed_peers = config.map_or(Ok(None), AppConfig::web_server_addrs)?;
+    // Under IIS, IIS owns connection lifetimes: no time-outs.
+    let listening = config.filter(|_| !iis_stream);
+    let idle_timeout = listening.map_or(Ok(None), AppConfig::idle_timeout)?;
+    let send_timeout = listening.map_or(Ok(None), AppConfig::send_timeout)?;
+    let header_timeout = listening.map_or(Ok(None), AppConfig::header_timeout)?;
     let (jobs, job_receiver) = worker::queue(queue_length);
     let (max_conns, max_reqs) = if iis_stream {
         (1, 1)
@@ -197,6 +191,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         allowed_peers,
         idle_timeout,
         send_timeout,
+        header_timeout,
     });
     // One I/O thread: the protocol work is light next to Python's, and fewer threads mean
     // fewer cross-thread wake-ups (measured, hello on a unix socket, pinned: 43-47k against

@@ -128,6 +128,36 @@ fn slow_heads_and_junk_records_do_not_hold_the_workers() {
     junk.join().expect("junk");
 }
 
+/// Item 1, the I/O thread's side: a head still arriving after WSGI_HEADER_TIMEOUT has its
+/// connection closed (nginx's `client_header_timeout`), however steadily it trickles.
+#[test]
+fn a_head_slower_than_the_header_timeout_is_closed() {
+    let app = AppDir::new("hello.app", &[("WSGI_HEADER_TIMEOUT", "1")]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
+    let mut stream = TcpStream::connect(tcp(&gateway)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let head = Client::<Conn>::encode(&Send::new(1, &app.iis_params("GET", "/")));
+    let trickle = std::thread::spawn(move || {
+        for byte in head {
+            if writer.write_all(&[byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let mut byte = [0u8; 1];
+    let closed = matches!(stream.read(&mut byte), Ok(0) | Err(_)) && {
+        let log = app.wait_for_log("WSGI_HEADER_TIMEOUT");
+        log.contains("request head not complete within 1s (WSGI_HEADER_TIMEOUT)")
+    };
+    drop(stream);
+    trickle.join().expect("trickle");
+    assert!(closed, "{}", app.log());
+}
+
 /// Item 2: a web server that never reads a large response is cut off after WSGI_SEND_TIMEOUT
 /// (logged), so the only worker serves the next request; one that reads slowly but steadily
 /// gets the whole response.
