@@ -224,17 +224,6 @@ fn a_peer_that_never_reads_is_closed_and_a_slow_reader_is_not() {
     assert!(body > 128 * 65536, "{body} bytes");
 }
 
-/// The process's resident memory now (VmRSS) in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib / 1024.0
-}
-
 /// A pause between PARAMS records, so the gateway reads them one at a time.
 const PACE: Duration = Duration::from_micros(50);
 
@@ -279,7 +268,8 @@ fn tiny_params_records_do_not_multiply_memory() {
     for i in 0..5000 {
         params.push((format!("HTTP_X{i:04}"), "v".to_owned()));
     }
-    let start = rss_mib(pid);
+    // The peak so far is the start-up's.
+    let start = peak_rss_mib(pid);
     for _ in 0..3 {
         let mut client = gateway.connect();
         send_pair_per_record(&mut client.stream, 1, &params);
@@ -302,6 +292,17 @@ fn tiny_params_records_do_not_multiply_memory() {
     );
 }
 
+/// `serve --processes 2 --threads THREADS`, once both workers are ready.
+fn two_processes(app: &AppDir, threads: &str) -> Gateway {
+    let gateway = Gateway::bind(
+        Address::Tcp(any_port()),
+        app.path(),
+        &["--processes", "2", "--threads", threads],
+    );
+    wait_for_count(app, "ready (pid", 2);
+    gateway
+}
+
 fn process_alive(pid: u32) -> bool {
     // A zombie has no memory map left: only a running process counts.
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -313,16 +314,8 @@ fn process_alive(pid: u32) -> bool {
 #[test]
 fn workers_exit_when_the_supervisor_is_killed() {
     let app = AppDir::new("hello.app", &[]);
-    let mut gateway = Gateway::bind(
-        Address::Tcp(any_port()),
-        app.path(),
-        &["--processes", "2", "--threads", "1"],
-    );
+    let mut gateway = two_processes(&app, "1");
     let address = tcp(&gateway);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app.log().matches("ready (pid").count() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let workers: Vec<u32> = app
         .log()
         .split("ready (pid ")
@@ -359,15 +352,7 @@ fn workers_exit_when_the_supervisor_is_killed() {
 #[test]
 fn processes_share_a_burst_without_a_503() {
     let app = AppDir::new("concurrency.sleepy", &[("WSGI_QUEUE_LENGTH", "1")]);
-    let gateway = Gateway::bind(
-        Address::Tcp(any_port()),
-        app.path(),
-        &["--processes", "2", "--threads", "2"],
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while app.log().matches("ready (pid").count() < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let gateway = two_processes(&app, "2");
     let params = app.iis_params("GET", "/?sleep=0.5");
     let clients: Vec<_> = (0..16)
         .map(|_| {
