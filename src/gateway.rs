@@ -120,7 +120,10 @@ impl Site {
         #[cfg(unix)]
         let can_restart = in_place.then_some(crate::server::can_reexec as fn() -> _);
         #[cfg(not(unix))]
-        let can_restart = None;
+        let can_restart = {
+            let _ = in_place;
+            None
+        };
         WatchSettings {
             roots,
             pattern,
@@ -316,6 +319,9 @@ fn finish(
 ) -> Result<()> {
     shutdown::serving_done();
     python::interpreter::finalize(shutdown::grace());
+    // Windows does not restart in place.
+    #[cfg(not(unix))]
+    let _ = start_environment;
     match listener {
         #[cfg(unix)]
         Some(listener) => {
