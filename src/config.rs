@@ -157,8 +157,8 @@ impl AppConfig {
         Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
     }
 
-    /// `WSGI_SEND_TIMEOUT`: seconds a write to the web server may make no progress before the
-    /// connection is closed (listening modes); 0 turns it off.
+    /// `WSGI_SEND_TIMEOUT`: seconds a response may wait for the web server to take any of it
+    /// before the connection is closed (listening modes); 0 turns it off.
     pub fn send_timeout(&self) -> Result<Option<Duration>> {
         let seconds = self.parse_number("WSGI_SEND_TIMEOUT", 60)?;
         Ok((seconds > 0).then(|| Duration::from_secs(seconds)))

@@ -60,7 +60,7 @@ pub struct ServerContext {
     pub allowed_peers: Option<Vec<std::net::IpAddr>>,
     /// How long a connection may sit without a request in progress before it is closed.
     pub idle_timeout: Option<std::time::Duration>,
-    /// How long a write may make no progress before the connection is closed.
+    /// How long a write may put nothing out before the connection is closed.
     pub send_timeout: Option<std::time::Duration>,
     /// How long a request head may take to arrive before the connection is closed.
     pub header_timeout: Option<std::time::Duration>,
@@ -702,7 +702,7 @@ async fn deliver_pending_body(
 }
 
 /// Writes every buffer, using one system call for as many as the kernel takes at once. A write
-/// that makes no progress for `timeout` fails: a web server that never reads cannot keep the
+/// that can put nothing out for `timeout` fails: a web server that never reads cannot keep the
 /// connection, while a slow one that reads keeps it.
 async fn write_all_vectored<S: AsyncWrite + Unpin>(
     stream: &mut S,
@@ -721,7 +721,7 @@ async fn write_all_vectored<S: AsyncWrite + Unpin>(
             Some(limit) => tokio::time::timeout(limit, write).await.map_err(|_| {
                 io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("the web server read nothing for {limit:?} (WSGI_SEND_TIMEOUT)"),
+                    format!("the web server took nothing for {limit:?} (WSGI_SEND_TIMEOUT)"),
                 )
             })??,
             None => write.await?,

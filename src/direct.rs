@@ -61,6 +61,8 @@ struct Wire {
     pending: VecDeque<Record>,
     limits: ParamLimits,
     advertised: Advertised,
+    /// `WSGI_SEND_TIMEOUT`, on an accepted connection.
+    send_timeout: Option<Duration>,
     /// The running request's empty STDIN record has been read.
     body_ended: bool,
 }
@@ -190,25 +192,38 @@ impl Wire {
         }
     }
 
-    /// Writes everything; on an accepted connection whose web server has read nothing for
-    /// `WSGI_SEND_TIMEOUT` (the socket's send time-out) the connection is closed, so a peer
-    /// that never reads cannot hold the worker. A slow reader's progress resets the time-out.
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Writes everything. On an accepted connection, a web server that takes nothing for
+    /// `WSGI_SEND_TIMEOUT` (the socket never has room for more) has its connection closed, so
+    /// a peer that never reads cannot hold the worker; a slow reader keeps it. Sends do not
+    /// block there: a blocking send with a time-out returns the few bytes the kernel squeezed
+    /// in meanwhile (as it compacts a silent peer's receive buffer), which would count as
+    /// progress for ever.
+    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
         let Some(socket) = &self.socket else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let written = (&*socket).write_all(data);
-        if let Err(e) = &written {
-            if e.kind() == io::ErrorKind::WouldBlock {
-                let limit = socket.write_timeout().ok().flatten().unwrap_or_default();
-                tracing::warn!(
-                    "connection closed: the web server read nothing for {limit:?} \
-                     (WSGI_SEND_TIMEOUT)"
-                );
-                self.socket = None;
+        let Some(limit) = self.send_timeout else {
+            return (&*socket).write_all(data);
+        };
+        while !data.is_empty() {
+            match socket.send_with_flags(data, libc::MSG_DONTWAIT) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !writable_within(socket, limit)? {
+                        tracing::warn!(
+                            "connection closed: the web server took nothing for {limit:?} \
+                             (WSGI_SEND_TIMEOUT)"
+                        );
+                        self.socket = None;
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) => return Err(e),
             }
         }
-        written
+        Ok(())
     }
 
     /// Whether request `id` was aborted (or the web server left) since the last look, reading
@@ -284,6 +299,31 @@ impl Wire {
     }
 }
 
+/// Waits until `socket` has room to send, up to `limit`; false when it still has none.
+fn writable_within(socket: &Socket, limit: Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let millis = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll(2) on one valid pollfd that lives across the call.
+        match unsafe { libc::poll(&mut pollfd, 1, millis) } {
+            0 => return Ok(false),
+            n if n > 0 => return Ok(true),
+            _ => {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}
+
 fn lock(wire: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
     wire.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -327,7 +367,7 @@ impl Driver {
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
         socket.set_nonblocking(false)?;
         let buf = BytesMut::with_capacity(READ_CHUNK);
-        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never, buf)
+        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never, buf, None)
     }
 
     /// A connection just accepted from a listening socket (blocking, as accept(2) returns it
@@ -341,8 +381,8 @@ impl Driver {
         send_timeout: Option<Duration>,
         buf: BytesMut,
     ) -> io::Result<Driver> {
-        socket.set_write_timeout(send_timeout)?;
-        Driver::with(socket, shutdown, advertised, Parking::FirstRequest, buf)
+        let parking = Parking::FirstRequest;
+        Driver::with(socket, shutdown, advertised, parking, buf, send_timeout)
     }
 
     fn with(
@@ -351,6 +391,7 @@ impl Driver {
         advertised: Advertised,
         parking: Parking,
         buf: BytesMut,
+        send_timeout: Option<Duration>,
     ) -> io::Result<Driver> {
         socket.set_read_timeout(Some(POLL))?;
         Ok(Driver {
@@ -360,6 +401,7 @@ impl Driver {
                 pending: VecDeque::new(),
                 limits: ParamLimits::default(),
                 advertised,
+                send_timeout,
                 body_ended: false,
             })),
             shutdown,
