@@ -583,13 +583,29 @@ async fn watch_signals(trigger: Trigger) {
     }
 }
 
-/// Whether `reexec` can start the binary now; why not, when not (it was deleted or replaced by
-/// something that cannot run). Checked before a restart starts draining, since after that
-/// a failed exec can only exit.
+/// The binary a restart runs: the one installed at this binary's path now. A deploy that
+/// replaced it (a new file renamed over it) leaves Linux naming the running one
+/// `PATH (deleted)`; the new one at `PATH` is the one to run.
+#[cfg(unix)]
+fn restart_binary() -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let replaced = exe
+        .to_str()
+        .and_then(|path| path.strip_suffix(" (deleted)"))
+        .map(PathBuf::from);
+    Ok(replaced.filter(|path| path.exists()).unwrap_or(exe))
+}
+
+/// Whether `reexec` can start the binary now; why not, when not (it was deleted, or replaced by
+/// something that cannot run). Checked before a restart starts draining, since after that a
+/// failed exec can only exit.
 #[cfg(unix)]
 pub fn can_reexec() -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let exe = restart_binary().map_err(|e| format!("cannot find this binary: {e}"))?;
     match std::fs::metadata(&exe) {
         Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
         Ok(_) => Err(format!("{} is not an executable file", exe.display())),
@@ -625,7 +641,7 @@ pub fn reexec(
             return io::Error::last_os_error();
         }
     }
-    let exe = match std::env::current_exe() {
+    let exe = match restart_binary() {
         Ok(exe) => exe,
         Err(e) => return e,
     };

@@ -452,7 +452,8 @@ fn a_restart_reflects_web_config_as_it_is_now() {
 }
 
 /// Item 7: a restart the binary cannot make (it was deleted) is logged, and the process keeps
-/// serving instead of draining into an exec that fails.
+/// serving instead of draining into an exec that fails; once a binary is installed at the path
+/// again (renamed over it, as deploys do), the next change restarts into it.
 #[test]
 fn a_restart_that_cannot_happen_keeps_serving() {
     let app = AppDir::new("hello.app", &[]);
@@ -470,6 +471,17 @@ fn a_restart_that_cannot_happen_keeps_serving() {
         "{log}"
     );
     let params = app.iis_params("GET", "/");
+    assert_eq!(gateway.connect().get(1, &params).status, 200);
+
+    let staged = app.path().join("wfastcgi-new");
+    std::fs::copy(BINARY, &staged).expect("stage the binary");
+    std::fs::rename(&staged, &copy).expect("install the binary");
+    std::fs::write(app.path().join("app.py"), "# changed again\n").expect("touch");
+    let log = wait_for_count(&app, "WSGI handler \"hello.app\" loaded", 2);
+    assert!(
+        log.contains("restarting: the listening socket stays open"),
+        "{log}"
+    );
     assert_eq!(gateway.connect().get(1, &params).status, 200);
 }
 
