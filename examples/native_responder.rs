@@ -76,6 +76,8 @@ fn serve_queued(transport: Transport) -> Result<()> {
             max_conns,
             max_reqs,
         },
+        true,
+        None,
     )?;
     let context = Arc::new(ServerContext {
         jobs,
@@ -84,6 +86,8 @@ fn serve_queued(transport: Transport) -> Result<()> {
         max_reqs,
         allowed_peers: None,
         idle_timeout: None,
+        send_timeout: None,
+        header_timeout: None,
     });
     #[cfg(target_os = "linux")]
     let shutdown = trigger.subscribe();

@@ -19,7 +19,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -85,6 +85,12 @@ pub struct Acceptor {
     parked: mpsc::UnboundedSender<ParkedConnection>,
     allowed_peers: Option<Vec<std::net::IpAddr>>,
     advertised: Advertised,
+    /// `WSGI_SEND_TIMEOUT` for the connections workers serve.
+    send_timeout: Option<std::time::Duration>,
+    /// Accepting fails (out of descriptors) since the error was logged.
+    accept_failing: AtomicBool,
+    /// Asks the I/O thread to close the idle parked connections, when accepting fails.
+    pub reclaim: tokio::sync::Notify,
 }
 
 /// What the I/O thread receives: kept connections that went quiet.
@@ -92,21 +98,24 @@ pub type Parked = mpsc::UnboundedReceiver<ParkedConnection>;
 
 /// Lets the workers accept from a listening transport. Returns the transport for the I/O thread
 /// to run, the job queue it submits to (now ringing the workers), and the acceptor the workers
-/// wait on; other transports come back as they are.
+/// wait on; other transports come back as they are. `overflow`: see [`Handoff`].
 pub fn share(
     transport: Transport,
     jobs: JobQueue,
     allowed_peers: Option<Vec<std::net::IpAddr>>,
     advertised: Advertised,
+    overflow: bool,
+    send_timeout: Option<std::time::Duration>,
 ) -> io::Result<(Transport, JobQueue, Option<Arc<Acceptor>>)> {
     let Transport::Listener(socket) = transport else {
         return Ok((transport, jobs, None));
     };
-    let (acceptor, parked) = Acceptor::new(&socket, allowed_peers, advertised)?;
+    let (acceptor, parked) = Acceptor::new(&socket, allowed_peers, advertised, send_timeout)?;
     let jobs = jobs.ringing(acceptor.jobs_ready.clone());
     let handoff = Handoff {
         acceptor: acceptor.clone(),
         parked,
+        overflow,
     };
     Ok((
         Transport::SharedListener(socket, handoff),
@@ -127,6 +136,7 @@ impl Acceptor {
         listener: &Socket,
         allowed_peers: Option<Vec<std::net::IpAddr>>,
         advertised: Advertised,
+        send_timeout: Option<std::time::Duration>,
     ) -> io::Result<(Arc<Acceptor>, Parked)> {
         let listener = listener.try_clone()?;
         listener.set_nonblocking(true)?;
@@ -144,6 +154,9 @@ impl Acceptor {
             parked,
             allowed_peers,
             advertised,
+            send_timeout,
+            accept_failing: AtomicBool::new(false),
+            reclaim: tokio::sync::Notify::new(),
         };
         Ok((Arc::new(acceptor), parked_receiver))
     }
@@ -165,10 +178,22 @@ impl Acceptor {
                     continue
                 }
                 Err(e) => {
-                    tracing::error!("accept failed: {e}");
+                    if !self.accept_failing.swap(true, Ordering::AcqRel) {
+                        tracing::error!(
+                            "accept failed: {e}; retrying every {ACCEPT_RETRY:?}, \
+                             closing idle kept connections (logged once until it works again)"
+                        );
+                    }
+                    // Out of descriptors: the idle kept connections give theirs back (as nginx
+                    // reclaims its keep-alive ones). No permit is stored for later: once
+                    // accepting works, no connection is closed for it.
+                    self.reclaim.notify_waiters();
                     return Err(e);
                 }
             };
+            if self.accept_failing.swap(false, Ordering::AcqRel) {
+                tracing::info!("accepting connections again");
+            }
             if let Some(peer) = peer.as_socket() {
                 let ip = peer.ip().to_canonical();
                 if let Some(false) = self.allowed_peers.as_ref().map(|a| a.contains(&ip)) {
@@ -291,7 +316,9 @@ impl<'a> WorkerSource<'a> {
                 Work::Connection(socket) => {
                     let buf = std::mem::take(&mut self.spare_buf);
                     let shutdown = self.shutdown.clone();
-                    match Driver::accepted(socket, shutdown, self.acceptor.advertised, buf) {
+                    let acceptor = self.acceptor;
+                    let (advertised, send_timeout) = (acceptor.advertised, acceptor.send_timeout);
+                    match Driver::accepted(socket, shutdown, advertised, send_timeout, buf) {
                         Ok(driver) => self.connection = Some(driver),
                         Err(e) => tracing::warn!("cannot serve an accepted connection: {e}"),
                     }

@@ -183,6 +183,21 @@ impl AppConfig {
         Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
     }
 
+    /// `WSGI_HEADER_TIMEOUT`: seconds a request head (BEGIN_REQUEST to the end of the
+    /// parameters) may take to arrive before the connection is closed (listening modes); 0
+    /// turns it off.
+    pub fn header_timeout(&self) -> Result<Option<Duration>> {
+        let seconds = self.parse_number("WSGI_HEADER_TIMEOUT", 60)?;
+        Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
+    }
+
+    /// `WSGI_SEND_TIMEOUT`: seconds a response may wait for the web server to take any of it
+    /// before the connection is closed (listening modes); 0 turns it off.
+    pub fn send_timeout(&self) -> Result<Option<Duration>> {
+        let seconds = self.parse_number("WSGI_SEND_TIMEOUT", 60)?;
+        Ok((seconds > 0).then(|| Duration::from_secs(seconds)))
+    }
+
     /// `WSGI_QUEUE_LENGTH`: requests that may wait for a busy worker; more get a 503.
     pub fn queue_length(&self) -> Result<usize> {
         match self.get_nonempty("WSGI_QUEUE_LENGTH") {
@@ -349,23 +364,92 @@ impl fmt::Display for WebConfigError {
 
 impl std::error::Error for WebConfigError {}
 
+/// The largest web.config read: IIS's default `maxWebConfigFileSizeInKB` (250). The file is
+/// read with this limit, so one that never ends (a link to `/dev/zero`) is refused too.
+pub const MAX_WEB_CONFIG_BYTES: u64 = 250 * 1024;
+
 fn read_app_settings(path: &Path) -> Result<Vec<(String, String)>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    parse_app_settings(&bytes).map_err(|message| {
-        WebConfigError {
-            path: path.to_owned(),
-            message,
+    use std::io::Read;
+    let refuse = |message: String| WebConfigError {
+        path: path.to_owned(),
+        message,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_WEB_CONFIG_BYTES + 1).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() as u64 > MAX_WEB_CONFIG_BYTES {
+        return Err(refuse(format!(
+            "larger than {} KB, the limit IIS also applies by default \
+             (maxWebConfigFileSizeInKB); move large settings to the environment",
+            MAX_WEB_CONFIG_BYTES / 1024
+        ))
+        .into());
+    }
+    parse_app_settings(&bytes).map_err(|message| refuse(message).into())
+}
+
+/// The text of a web.config: UTF-8 (with or without a byte-order mark), or UTF-16 LE or BE with
+/// its byte-order mark (Windows PowerShell 5.1's `Out-File` writes UTF-16LE), as IIS and
+/// wfastcgi.py's `minidom` read them. A UTF-16 file becomes UTF-8 for the XML reader, which
+/// then ignores the `encoding` of the declaration.
+fn decode_text(bytes: &[u8]) -> std::result::Result<std::borrow::Cow<'_, [u8]>, String> {
+    let utf16 = |from: fn([u8; 2]) -> u16, body: &[u8]| {
+        if body.len() % 2 != 0 {
+            return Err("a UTF-16 web.config with an odd number of bytes".to_owned());
         }
-        .into()
-    })
+        let units = body.chunks_exact(2).map(|pair| from([pair[0], pair[1]]));
+        char::decode_utf16(units)
+            .collect::<std::result::Result<String, _>>()
+            .map(|text| std::borrow::Cow::Owned(text.into_bytes()))
+            .map_err(|e| format!("invalid UTF-16: {e}"))
+    };
+    match bytes {
+        [0xFF, 0xFE, body @ ..] => utf16(u16::from_le_bytes, body),
+        [0xFE, 0xFF, body @ ..] => utf16(u16::from_be_bytes, body),
+        [0xEF, 0xBB, 0xBF, body @ ..] => Ok(std::borrow::Cow::Borrowed(body)),
+        _ => Ok(std::borrow::Cow::Borrowed(bytes)),
+    }
+}
+
+/// App settings in file order, each key once: `<add>` of a key already there moves it to the
+/// end, as .NET's collection does. Linear: a removed entry leaves a hole instead of shifting
+/// the rest, so 300 000 `<add>`s cost 300 000 steps, not their square.
+#[derive(Default)]
+struct Settings {
+    entries: Vec<Option<(String, String)>>,
+    index: HashMap<String, usize>,
+}
+
+impl Settings {
+    fn add(&mut self, key: String, value: String) {
+        self.remove(&key);
+        self.index.insert(key.clone(), self.entries.len());
+        self.entries.push(Some((key, value)));
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(at) = self.index.remove(key) {
+            self.entries[at] = None;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.index.clear();
+    }
+
+    fn into_vec(self) -> Vec<(String, String)> {
+        self.entries.into_iter().flatten().collect()
+    }
 }
 
 /// Reads `<configuration><appSettings>`: `<add key value/>` in order, honouring `<remove key/>`
 /// and `<clear/>` as .NET does. Keys are trimmed (wfastcgi.py does); values are kept as written.
 pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String)>, String> {
-    let xml = xml.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(xml);
-    let mut reader = Reader::from_reader(xml);
-    let mut settings: Vec<(String, String)> = Vec::new();
+    let xml = decode_text(xml)?;
+    let mut reader = Reader::from_reader(xml.as_ref());
+    let mut settings = Settings::default();
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut buf = Vec::new();
     let in_app_settings = |path: &[Vec<u8>]| {
@@ -397,12 +481,12 @@ pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String
     if !path.is_empty() {
         return Err("unexpected end of file: unclosed elements".into());
     }
-    Ok(settings)
+    Ok(settings.into_vec())
 }
 
 fn apply_setting(
     element: &BytesStart<'_>,
-    settings: &mut Vec<(String, String)>,
+    settings: &mut Settings,
 ) -> std::result::Result<(), String> {
     let name = element.name();
     let attribute = |wanted: &[u8]| -> std::result::Result<Option<String>, String> {
@@ -421,14 +505,11 @@ fn apply_setting(
         b"add" => {
             let key = attribute(b"key")?.ok_or("an <add> in <appSettings> has no key attribute")?;
             let value = attribute(b"value")?.unwrap_or_default();
-            let key = key.trim().to_owned();
-            settings.retain(|(k, _)| *k != key);
-            settings.push((key, value));
+            settings.add(key.trim().to_owned(), value);
         }
         b"remove" => {
             if let Some(key) = attribute(b"key")? {
-                let key = key.trim();
-                settings.retain(|(k, _)| k != key);
+                settings.remove(key.trim());
             }
         }
         b"clear" => settings.clear(),
@@ -530,6 +611,36 @@ mod tests {
         assert_eq!(settings(xml), vec![("B".into(), "3".into())]);
         let cleared = "<configuration><appSettings><add key='A' value='1'/><clear/></appSettings></configuration>";
         assert!(settings(cleared).is_empty());
+    }
+
+    #[test]
+    fn reads_utf16_with_a_byte_order_mark() {
+        let xml = "<?xml version=\"1.0\" encoding=\"utf-16\"?><configuration><appSettings>\
+                   <add key=\"K\" value=\"caf\u{e9} \u{1F600}\"/></appSettings></configuration>";
+        let le: Vec<u8> = [0xFF, 0xFE]
+            .into_iter()
+            .chain(xml.encode_utf16().flat_map(u16::to_le_bytes))
+            .collect();
+        let be: Vec<u8> = [0xFE, 0xFF]
+            .into_iter()
+            .chain(xml.encode_utf16().flat_map(u16::to_be_bytes))
+            .collect();
+        let expected = vec![("K".to_owned(), "caf\u{e9} \u{1F600}".to_owned())];
+        assert_eq!(parse_app_settings(&le), Ok(expected.clone()));
+        assert_eq!(parse_app_settings(&be), Ok(expected));
+        let err = parse_app_settings(&le[..le.len() - 1]).expect_err("odd length");
+        assert!(err.contains("odd number"), "{err}");
+    }
+
+    #[test]
+    fn adding_a_key_again_moves_it_to_the_end() {
+        let xml = "<configuration><appSettings><add key='A' value='1'/><add key='B' value='2'/>\
+                   <add key='A' value='3'/><remove key='B'/><add key='B' value='4'/>\
+                   <remove key='nope'/></appSettings></configuration>";
+        assert_eq!(
+            settings(xml),
+            vec![("A".into(), "3".into()), ("B".into(), "4".into())]
+        );
     }
 
     #[test]

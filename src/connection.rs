@@ -60,6 +60,10 @@ pub struct ServerContext {
     pub allowed_peers: Option<Vec<std::net::IpAddr>>,
     /// How long a connection may sit without a request in progress before it is closed.
     pub idle_timeout: Option<std::time::Duration>,
+    /// How long a write may put nothing out before the connection is closed.
+    pub send_timeout: Option<std::time::Duration>,
+    /// How long a request head may take to arrive before the connection is closed.
+    pub header_timeout: Option<std::time::Duration>,
 }
 
 /// Why a connection ended early.
@@ -129,6 +133,10 @@ pub struct Connection<S> {
     /// When the last bytes arrived, and the timer that closes an idle connection.
     idle_since: tokio::time::Instant,
     idle_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// When the request head in progress (a partial record, or parameters) started, and the
+    /// timer that closes a connection whose head takes longer than `WSGI_HEADER_TIMEOUT`.
+    head_since: Option<tokio::time::Instant>,
+    head_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 /// How long an idle connection waits for a request already on its way when a shutdown starts.
@@ -154,6 +162,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             linger_until: None,
             idle_since: tokio::time::Instant::now(),
             idle_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+            head_since: None,
+            head_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
         }
     }
 
@@ -175,8 +185,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             self.process_buffered()?;
             if !self.replies.is_empty() {
-                let replies = self.replies.split().freeze();
-                self.stream.write_all(&replies).await?;
+                let mut replies = [self.replies.split().freeze()];
+                let send_timeout = self.context.send_timeout;
+                write_all_vectored(&mut self.stream, &mut replies, send_timeout).await?;
             }
             if self.is_done() {
                 let _ = self.stream.shutdown().await;
@@ -191,9 +202,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             if let Some(limit) = idle_limit {
                 self.idle_timer.as_mut().reset(self.idle_since + limit);
             }
+            let head_limit = self.head_limit();
             tokio::select! {
                 () = &mut self.idle_timer, if idle_limit.is_some() => {
                     log_idle_close(idle_limit.unwrap_or_default());
+                    return Ok(());
+                }
+                () = &mut self.head_timer, if head_limit.is_some() => {
+                    tracing::warn!(
+                        "request head not complete within {:?} (WSGI_HEADER_TIMEOUT): \
+                         connection closed",
+                        head_limit.unwrap_or_default()
+                    );
                     return Ok(());
                 }
                 wake = running_event(&mut self.state) => match wake {
@@ -219,6 +239,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 _ = linger(self.linger_until) => self.linger_until = None,
             }
         }
+    }
+
+    /// `WSGI_HEADER_TIMEOUT` while a request head is arriving (as nginx's
+    /// `client_header_timeout`): a client sending it slowly, byte by byte, cannot keep the
+    /// connection for ever. Starts the head's timer when the head starts.
+    fn head_limit(&mut self) -> Option<std::time::Duration> {
+        let arriving = match self.state {
+            State::ReadingParams { .. } => true,
+            // Part of a record that is not the rest of an answered request's body.
+            State::Idle => self.draining.is_none() && !self.read_buf.is_empty(),
+            State::Running(_) => false,
+        };
+        let limit = self.context.header_timeout.filter(|_| arriving);
+        match (limit, self.head_since) {
+            (Some(limit), None) => {
+                let now = tokio::time::Instant::now();
+                self.head_since = Some(now);
+                self.head_timer.as_mut().reset(now + limit);
+            }
+            (None, Some(_)) => self.head_since = None,
+            _ => {}
+        }
+        limit
     }
 
     fn has_pending_body(&self) -> bool {
@@ -368,7 +411,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             return Ok(());
         }
         if !content.is_empty() {
-            return params.push(content);
+            return params.push(&content);
         }
         let State::ReadingParams {
             request_id,
@@ -569,7 +612,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 self.close_after_request = true;
             }
         }
-        write_all_vectored(&mut self.stream, &mut batch).await?;
+        write_all_vectored(&mut self.stream, &mut batch, self.context.send_timeout).await?;
         Ok(())
     }
 }
@@ -658,10 +701,13 @@ async fn deliver_pending_body(
     true
 }
 
-/// Writes every buffer, using one system call for as many as the kernel takes at once.
+/// Writes every buffer, using one system call for as many as the kernel takes at once. A write
+/// that can put nothing out for `timeout` fails: a web server that never reads cannot keep the
+/// connection, while a slow one that reads keeps it.
 async fn write_all_vectored<S: AsyncWrite + Unpin>(
     stream: &mut S,
     buffers: &mut [Bytes],
+    timeout: Option<std::time::Duration>,
 ) -> io::Result<()> {
     let mut first = 0;
     while first < buffers.len() {
@@ -670,7 +716,16 @@ async fn write_all_vectored<S: AsyncWrite + Unpin>(
             continue;
         }
         let slices: Vec<IoSlice<'_>> = buffers[first..].iter().map(|b| IoSlice::new(b)).collect();
-        let mut written = stream.write_vectored(&slices).await?;
+        let write = stream.write_vectored(&slices);
+        let mut written = match timeout {
+            Some(limit) => tokio::time::timeout(limit, write).await.map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the web server took nothing for {limit:?} (WSGI_SEND_TIMEOUT)"),
+                )
+            })??,
+            None => write.await?,
+        };
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -15,6 +15,7 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use socket2::Socket;
@@ -31,8 +32,11 @@ use crate::shutdown::Shutdown;
 
 /// How often a wait for the next request looks at the shutdown flag (the socket's receive
 /// time-out: one system call per wait, not a read, a poll and a read).
-const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+const POLL: Duration = Duration::from_millis(200);
 const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
+/// How long a worker reads a request head (and records that start no request) on an accepted
+/// connection before handing it to the I/O thread: web servers send a head at once.
+const HEAD_LIMIT: Duration = POLL;
 
 /// FCGI_MAX_CONNS and FCGI_MAX_REQS, as GET_VALUES answers them.
 #[derive(Debug, Clone, Copy)]
@@ -57,6 +61,8 @@ struct Wire {
     pending: VecDeque<Record>,
     limits: ParamLimits,
     advertised: Advertised,
+    /// `WSGI_SEND_TIMEOUT`, on an accepted connection.
+    send_timeout: Option<Duration>,
     /// The running request's empty STDIN record has been read.
     body_ended: bool,
 }
@@ -102,7 +108,11 @@ impl Wire {
     /// `POLL` (`wait`) or not at all for more bytes; `Quiet` when none came. A shutdown does not
     /// cut this short: a request already on its way is served, as the tokio connection lingers
     /// for it.
-    fn next_record_soon(&mut self, wait: bool) -> Result<Soon, ConnectionError> {
+    fn next_record_soon(
+        &mut self,
+        wait: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Soon, ConnectionError> {
         loop {
             if let Some(record) = self.pending.pop_front() {
                 return Ok(Soon::Record(record));
@@ -111,6 +121,10 @@ impl Wire {
                 return Ok(Soon::Record(record));
             }
             match self.fill(wait)? {
+                // A record trickling in byte by byte never times a read out.
+                Filled::Data if deadline.is_some_and(|at| Instant::now() >= at) => {
+                    return Ok(Soon::Quiet)
+                }
                 Filled::Data => {}
                 Filled::TimedOut => return Ok(Soon::Quiet),
                 Filled::End => {
@@ -125,7 +139,7 @@ impl Wire {
     /// Records of anything else (an abort, the next request) are kept for later.
     fn drain_body_soon(&mut self, request_id: u16) -> bool {
         loop {
-            match self.next_record_soon(false) {
+            match self.next_record_soon(false, None) {
                 Ok(Soon::Record(Record::Stdin {
                     request_id: id,
                     content,
@@ -178,11 +192,38 @@ impl Wire {
         }
     }
 
-    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        match &self.socket {
-            Some(socket) => (&*socket).write_all(data),
-            None => Err(io::ErrorKind::NotConnected.into()),
+    /// Writes everything. On an accepted connection, a web server that takes nothing for
+    /// `WSGI_SEND_TIMEOUT` (the socket never has room for more) has its connection closed, so
+    /// a peer that never reads cannot hold the worker; a slow reader keeps it. Sends do not
+    /// block there: a blocking send with a time-out returns the few bytes the kernel squeezed
+    /// in meanwhile (as it compacts a silent peer's receive buffer), which would count as
+    /// progress for ever.
+    fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+        let Some(socket) = &self.socket else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let Some(limit) = self.send_timeout else {
+            return (&*socket).write_all(data);
+        };
+        while !data.is_empty() {
+            match socket.send_with_flags(data, libc::MSG_DONTWAIT) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if !writable_within(socket, limit)? {
+                        tracing::warn!(
+                            "connection closed: the web server took nothing for {limit:?} \
+                             (WSGI_SEND_TIMEOUT)"
+                        );
+                        self.socket = None;
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
 
     /// Whether request `id` was aborted (or the web server left) since the last look, reading
@@ -258,6 +299,31 @@ impl Wire {
     }
 }
 
+/// Waits until `socket` has room to send, up to `limit`; false when it still has none.
+fn writable_within(socket: &Socket, limit: Duration) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let millis = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll(2) on one valid pollfd that lives across the call.
+        match unsafe { libc::poll(&mut pollfd, 1, millis) } {
+            0 => return Ok(false),
+            n if n > 0 => return Ok(true),
+            _ => {
+                let error = io::Error::last_os_error();
+                if error.kind() != io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}
+
 fn lock(wire: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
     wire.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -301,7 +367,7 @@ impl Driver {
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
         socket.set_nonblocking(false)?;
         let buf = BytesMut::with_capacity(READ_CHUNK);
-        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never, buf)
+        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never, buf, None)
     }
 
     /// A connection just accepted from a listening socket (blocking, as accept(2) returns it
@@ -312,9 +378,11 @@ impl Driver {
         socket: Socket,
         shutdown: Shutdown,
         advertised: Advertised,
+        send_timeout: Option<Duration>,
         buf: BytesMut,
     ) -> io::Result<Driver> {
-        Driver::with(socket, shutdown, advertised, Parking::FirstRequest, buf)
+        let parking = Parking::FirstRequest;
+        Driver::with(socket, shutdown, advertised, parking, buf, send_timeout)
     }
 
     fn with(
@@ -323,6 +391,7 @@ impl Driver {
         advertised: Advertised,
         parking: Parking,
         buf: BytesMut,
+        send_timeout: Option<Duration>,
     ) -> io::Result<Driver> {
         socket.set_read_timeout(Some(POLL))?;
         Ok(Driver {
@@ -332,6 +401,7 @@ impl Driver {
                 pending: VecDeque::new(),
                 limits: ParamLimits::default(),
                 advertised,
+                send_timeout,
                 body_ended: false,
             })),
             shutdown,
@@ -386,6 +456,9 @@ impl Driver {
             return None;
         }
         let mut request: Option<(u16, bool, ParamsBuilder)> = None;
+        // A head sent slowly, or a stream of records that starts no request, goes to the I/O
+        // thread once this passes, so workers stay free for complete requests.
+        let deadline = Instant::now() + HEAD_LIMIT;
         loop {
             let wait_briefly = match self.parking {
                 Parking::Never | Parking::Parked | Parking::ParkedDraining => None,
@@ -398,15 +471,17 @@ impl Driver {
             let started = request.is_some();
             let stop = || !started && shutdown.reason().is_some();
             let next = match wait_briefly {
-                Some(wait) => wire.next_record_soon(wait),
+                Some(_) if Instant::now() >= deadline => Ok(Soon::Quiet),
+                Some(wait) => wire.next_record_soon(wait, Some(deadline)),
                 None => wire
                     .next_record(&stop)
                     .map(|record| record.map_or(Soon::End, Soon::Record)),
             };
             let record = match next {
                 Ok(Soon::Record(record)) => record,
-                // A request head that stalls goes to the I/O thread, encoded again as far as it
-                // came, so a client sending it slowly does not hold a worker.
+                // A request head that stalls, or takes longer than `HEAD_LIMIT`, goes to the I/O
+                // thread, encoded again as far as it came, so a client sending it slowly does
+                // not hold a worker.
                 Ok(Soon::Quiet) => {
                     let mut buffered = BytesMut::new();
                     if let Some((request_id, keep_conn, params)) = &request {
@@ -468,7 +543,7 @@ impl Driver {
                     content,
                 } => match &mut request {
                     Some((id, _, params)) if *id == request_id && !content.is_empty() => {
-                        if let Err(e) = params.push(content) {
+                        if let Err(e) = params.push(&content) {
                             tracing::warn!("connection closed: protocol error: {e}");
                             return None;
                         }

@@ -103,7 +103,8 @@ impl Site {
         }
     }
 
-    fn watch_settings(&self) -> WatchSettings {
+    /// `in_place`: a restart re-executes the binary (listening modes), rather than exiting.
+    fn watch_settings(&self, in_place: bool) -> WatchSettings {
         let mut roots = vec![self.app_dir.clone()];
         let (pattern, poll_interval) = match &self.config {
             Ok(config) => {
@@ -116,15 +117,26 @@ impl Site {
             }
             Err(_) => (Some(config::DEFAULT_RESTART_REGEX.to_owned()), None),
         };
+        #[cfg(unix)]
+        let can_restart = in_place.then_some(crate::server::can_reexec as fn() -> _);
+        #[cfg(not(unix))]
+        let can_restart = {
+            let _ = in_place;
+            None
+        };
         WatchSettings {
             roots,
             pattern,
             poll_interval,
+            can_restart,
         }
     }
 }
 
 pub fn serve(transport: Transport, options: Options) -> Result<()> {
+    // Before web.config settings go into it (Python's os.environ): an in-place restart starts
+    // from this, so it sees web.config as it is then, as a fresh process would.
+    let start_environment: Vec<_> = std::env::vars_os().collect();
     let iis_stream = transport.is_stream();
     // Under IIS the app folder is the first request's APPL_PHYSICAL_PATH, so Python starts
     // then; otherwise it starts now, so a broken set-up fails before the first request.
@@ -143,16 +155,17 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         Transport::Stream(socket) => return serve_direct(socket, eager_site, &options, trigger),
         other => other,
     };
-    // Under IIS, IIS owns connection lifetimes: no idle timeout.
-    let (queue_length, allowed_peers, idle_timeout) = match eager_site.as_ref().map(|s| &s.config) {
-        Some(Ok(config)) if !iis_stream => (
-            config.queue_length()?,
-            config.web_server_addrs()?,
-            config.idle_timeout()?,
-        ),
-        Some(Ok(config)) => (config.queue_length()?, config.web_server_addrs()?, None),
-        _ => (config::DEFAULT_QUEUE_LENGTH, None, None),
+    let config = match eager_site.as_ref().map(|s| &s.config) {
+        Some(Ok(config)) => Some(config),
+        _ => None,
     };
+    let queue_length = config.map_or(Ok(config::DEFAULT_QUEUE_LENGTH), AppConfig::queue_length)?;
+    let allowed_peers = config.map_or(Ok(None), AppConfig::web_server_addrs)?;
+    // Under IIS, IIS owns connection lifetimes: no time-outs.
+    let listening = config.filter(|_| !iis_stream);
+    let idle_timeout = listening.map_or(Ok(None), AppConfig::idle_timeout)?;
+    let send_timeout = listening.map_or(Ok(None), AppConfig::send_timeout)?;
+    let header_timeout = listening.map_or(Ok(None), AppConfig::header_timeout)?;
     let (jobs, job_receiver) = worker::queue(queue_length);
     let (max_conns, max_reqs) = if iis_stream {
         (1, 1)
@@ -169,6 +182,8 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             max_conns,
             max_reqs,
         },
+        !options.supervised,
+        send_timeout,
     )
     .context("cannot share the listening socket with the workers")?;
     let context = Arc::new(ServerContext {
@@ -178,6 +193,8 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         max_reqs,
         allowed_peers,
         idle_timeout,
+        send_timeout,
+        header_timeout,
     });
     // One I/O thread: the protocol work is light next to Python's, and fewer threads mean
     // fewer cross-thread wake-ups (measured, hello on a unix socket, pinned: 43-47k against
@@ -206,8 +223,15 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             .config
             .as_ref()
             .map_or(1, |config| threads(config, iis_stream));
-        let (state, first_job) =
-            start_site(site, first_job, &mut next, &options, &trigger, threads);
+        let (state, first_job) = start_site(
+            site,
+            first_job,
+            &mut next,
+            &options,
+            &trigger,
+            threads,
+            !iis_stream,
+        );
         let feed = Feed {
             jobs: &job_receiver,
             #[cfg(target_os = "linux")]
@@ -221,7 +245,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         tracing::error!("the I/O thread panicked");
         None
     });
-    finish(listener)
+    finish(listener, &start_environment)
 }
 
 /// Under IIS (fd 0 a connected stream): requests are read and answered by the application's
@@ -244,11 +268,12 @@ fn serve_direct(
             .unwrap_or_default(),
     };
     if let Some(site) = site {
-        let (state, first_job) = start_site(site, first_job, &mut next, options, &trigger, 1);
+        let (state, first_job) =
+            start_site(site, first_job, &mut next, options, &trigger, 1, false);
         work(&state, first_job, &mut next);
     }
     trigger.fire(shutdown::Reason::EndOfStream);
-    finish(None)
+    finish(None, &[])
 }
 
 /// Watches the site, sets the grace period, reports a log problem to the first request, and
@@ -260,9 +285,10 @@ fn start_site(
     options: &Options,
     trigger: &shutdown::Trigger,
     threads: usize,
+    in_place_restart: bool,
 ) -> (AppState, Option<Job>) {
     if !options.supervised {
-        watcher::spawn(site.watch_settings(), trigger.clone());
+        watcher::spawn(site.watch_settings(in_place_restart), trigger.clone());
     }
     if let Ok(config) = &site.config {
         shutdown::set_grace(config.restart_grace().unwrap_or_else(|e| {
@@ -285,16 +311,23 @@ fn start_site(
     (state, first_job)
 }
 
-/// Finalises Python, then exits, or (a restart in a listening mode) re-executes in place.
-fn finish(listener: Option<socket2::Socket>) -> Result<()> {
+/// Finalises Python, then exits, or (a restart in a listening mode) re-executes in place with
+/// the environment the process started with.
+fn finish(
+    listener: Option<socket2::Socket>,
+    start_environment: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> Result<()> {
     shutdown::serving_done();
     python::interpreter::finalize(shutdown::grace());
+    // Windows does not restart in place.
+    #[cfg(not(unix))]
+    let _ = start_environment;
     match listener {
         #[cfg(unix)]
         Some(listener) => {
             tracing::info!("restarting: the listening socket stays open across the restart");
             logging::flush();
-            let error = crate::server::reexec(listener);
+            let error = crate::server::reexec(listener, start_environment);
             Err(anyhow::anyhow!("cannot restart: {error}"))
         }
         _ => {

@@ -43,6 +43,10 @@ pub enum Transport {
 pub struct Handoff {
     pub acceptor: Arc<crate::acceptor::Acceptor>,
     pub parked: crate::acceptor::Parked,
+    /// Whether to accept for workers that are all stuck. Not when other processes accept on
+    /// the same socket (`--processes`): a connection waits in the backlog for a free thread
+    /// in any of them, rather than in this one's queue (or its 503) while another is idle.
+    pub overflow: bool,
 }
 
 /// How often the I/O thread looks whether every worker is stuck with connections waiting.
@@ -273,6 +277,7 @@ async fn accept_loop(
     tracing::info!("listening on {}", describe(&socket));
     let listener = adopt_listener(socket)?;
     let mut connections = JoinSet::new();
+    let mut accept_failing = false;
     loop {
         // At FCGI_MAX_CONNS, the next connection waits in the backlog for one to finish.
         if connections.len() >= context.max_conns {
@@ -285,6 +290,7 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(stream) => {
+                    accept_failing = false;
                     if let Some(peer) = stream.refused_peer(context.allowed_peers.as_deref()) {
                         tracing::warn!("connection from {peer} refused: not in FCGI_WEB_SERVER_ADDRS");
                         continue;
@@ -292,8 +298,12 @@ async fn accept_loop(
                     connections.spawn(stream.serve(context.clone(), shutdown.clone(), Handover::default()));
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::error!("accept failed: {e}");
+                    // Out of file descriptors and the like: wait instead of spinning, and log
+                    // once until it works again.
+                    if !accept_failing {
+                        tracing::error!("accept failed: {e}; retrying every 100ms (logged once)");
+                        accept_failing = true;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
@@ -319,6 +329,7 @@ async fn overflow_loop(
     let Handoff {
         acceptor,
         mut parked,
+        overflow,
     } = handoff;
     let stop_workers = acceptor.stop_on_drop();
     let connection_shutdown = shutdown.clone();
@@ -356,7 +367,7 @@ async fn overflow_loop(
                 }
             }
             _ = tick.tick() => {
-                if acceptor.stuck(&mut taken) {
+                if overflow && acceptor.stuck(&mut taken) {
                     while connections.len() < context.max_conns {
                         let Ok(Some(socket)) = acceptor.accept() else { break };
                         serve(&mut connections, ParkedConnection::fresh(socket));
@@ -460,6 +471,10 @@ impl Stream {
             ready = self.readable() => ready.is_ok(),
             () = idle => {
                 crate::connection::log_idle_close(idle_timeout.unwrap_or_default());
+                return;
+            }
+            () = acceptor.reclaim.notified() => {
+                tracing::info!("idle connection closed: accepting is out of descriptors");
                 return;
             }
             // The connection lingers for a request already on its way, then closes.
@@ -571,10 +586,49 @@ async fn watch_signals(trigger: Trigger) {
     }
 }
 
-/// Replaces this process with a fresh copy of the binary, same arguments, passing `listener` as
-/// fd 3 by the socket activation protocol. Returns only if the exec failed.
+/// The binary a restart runs: the one installed at this binary's path now. A deploy that
+/// replaced it (a new file renamed over it) leaves Linux naming the running one
+/// `PATH (deleted)`; the new one at `PATH` is the one to run.
 #[cfg(unix)]
-pub fn reexec(listener: Socket) -> io::Error {
+fn restart_binary() -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    if exe.exists() {
+        return Ok(exe);
+    }
+    let replaced = exe
+        .to_str()
+        .and_then(|path| path.strip_suffix(" (deleted)"))
+        .map(PathBuf::from);
+    Ok(replaced.filter(|path| path.exists()).unwrap_or(exe))
+}
+
+/// Whether `reexec` can start the binary now; why not, when not (it was deleted, or replaced by
+/// something that cannot run). Checked before a restart starts draining, since after that a
+/// failed exec can only exit.
+#[cfg(unix)]
+pub fn can_reexec() -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = restart_binary().map_err(|e| format!("cannot find this binary: {e}"))?;
+    match std::fs::metadata(&exe) {
+        Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) => Err(format!("{} is not an executable file", exe.display())),
+        Err(e) => Err(format!(
+            "this binary, {}, cannot be run: {e}",
+            exe.display()
+        )),
+    }
+}
+
+/// Replaces this process with a fresh copy of the binary, same arguments, passing `listener` as
+/// fd 3 by the socket activation protocol. The new process gets `environment` (the one this
+/// process started with), not the current one, which holds web.config's settings as they were:
+/// a setting since removed would live on, and a large one can exceed the kernel's limit for
+/// exec (E2BIG). Returns only if the exec failed.
+#[cfg(unix)]
+pub fn reexec(
+    listener: Socket,
+    environment: &[(std::ffi::OsString, std::ffi::OsString)],
+) -> io::Error {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     const FIRST_FD: i32 = 3;
@@ -590,12 +644,14 @@ pub fn reexec(listener: Socket) -> io::Error {
             return io::Error::last_os_error();
         }
     }
-    let exe = match std::env::current_exe() {
+    let exe = match restart_binary() {
         Ok(exe) => exe,
         Err(e) => return e,
     };
     std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
+        .env_clear()
+        .envs(environment.iter().map(|(k, v)| (k, v)))
         .env("LISTEN_FDS", "1")
         .env("LISTEN_PID", std::process::id().to_string())
         .exec()

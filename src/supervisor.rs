@@ -90,6 +90,8 @@ fn watch_settings(config: &AppConfig) -> WatchSettings {
         roots,
         pattern: config.restart_regex(),
         poll_interval: config.watcher_poll().unwrap_or(None),
+        // A failed worker start keeps the old worker serving.
+        can_restart: None,
     }
 }
 
@@ -194,12 +196,25 @@ impl Supervisor {
             .args(&self.worker_args)
             .env(LISTEN_FD_VAR, LISTEN_FD.to_string())
             .env(READY_FD_VAR, READY_FD.to_string());
-        // SAFETY: between fork and exec only dup2 runs, which is async-signal-safe; dup2 also
-        // clears close-on-exec on the new descriptors, so exactly these two are inherited.
+        let supervisor = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+        // SAFETY: between fork and exec only dup2, prctl and getppid run, which are
+        // async-signal-safe and allocate nothing; dup2 also clears close-on-exec on the new
+        // descriptors, so exactly these two are inherited.
         unsafe {
             command.pre_exec(move || {
                 if libc::dup2(listener_fd, LISTEN_FD) < 0 || libc::dup2(ready_fd, READY_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // A supervisor killed outright (SIGKILL) cannot drain its workers: they get
+                // SIGTERM from the kernel and drain themselves, rather than keep the port.
+                // The signal is sent when the thread that forked ends: this runtime's thread
+                // is the supervisor's only one.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The supervisor died before the prctl: nobody would send the signal.
+                if libc::getppid() != supervisor {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });

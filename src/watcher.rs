@@ -48,6 +48,9 @@ pub struct WatchSettings {
     pub pattern: Option<String>,
     /// Poll every this often instead of using change notifications.
     pub poll_interval: Option<Duration>,
+    /// Says why a restart cannot happen now (an in-place re-exec whose binary is gone): the
+    /// change is then logged and the process keeps serving.
+    pub can_restart: Option<fn() -> Result<(), String>>,
 }
 
 /// `re.match` semantics: anchored at the start only.
@@ -107,6 +110,10 @@ struct Watch {
     regex: Regex,
     backend: Backend,
     sender: mpsc::Sender<notify::Result<Event>>,
+    can_restart: Option<fn() -> Result<(), String>>,
+    /// Watcher errors already logged: the poller reports the same one (a symlink loop) on
+    /// every scan, for ever.
+    logged_errors: std::collections::HashSet<String>,
 }
 
 fn watch(settings: WatchSettings, regex: Regex, trigger: Trigger) {
@@ -140,6 +147,8 @@ fn watch(settings: WatchSettings, regex: Regex, trigger: Trigger) {
         regex,
         backend,
         sender,
+        can_restart: settings.can_restart,
+        logged_errors: std::collections::HashSet::new(),
     };
     for root in watch.roots.clone() {
         watch.add_tree(&root);
@@ -280,6 +289,13 @@ impl Watch {
             } else {
                 String::new()
             };
+            if let Some(Err(why)) = self.can_restart.map(|check| check()) {
+                tracing::error!(
+                    "{} changed{others}, but the process cannot restart: {why}; still serving",
+                    first.display()
+                );
+                continue;
+            }
             tracing::info!(
                 "{} changed{others}: restarting after the requests in flight finish",
                 first.display()
@@ -294,7 +310,11 @@ impl Watch {
         let event = match event {
             Ok(event) => event,
             Err(e) => {
-                tracing::warn!("file watcher error: {e}");
+                let message = e.to_string();
+                if !self.logged_errors.contains(&message) {
+                    tracing::warn!("file watcher error: {message} (logged once)");
+                    self.logged_errors.insert(message);
+                }
                 return None;
             }
         };

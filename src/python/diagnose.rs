@@ -247,6 +247,6 @@ fn request_params(config: &AppConfig, url: &str) -> Result<Params, String> {
         encode_name_value(&mut encoded, name.as_bytes(), value.as_bytes());
     }
     let mut builder = ParamsBuilder::new(ParamLimits::default());
-    builder.push(encoded.freeze()).map_err(|e| e.to_string())?;
+    builder.push(&encoded).map_err(|e| e.to_string())?;
     builder.finish().map_err(|e| e.to_string())
 }

@@ -247,14 +247,22 @@ fn refuse(py: Python<'_>, response: crate::exchange::ResponseSink, status: &str)
 }
 
 /// `GET /path` for log lines, with control characters escaped so a request cannot forge lines.
+/// IIS sends no REQUEST_URI: its URL is UNENCODED_URL, else PATH_INFO and QUERY_STRING.
 fn describe(params: &Params) -> String {
-    let field = |name: &[u8]| {
-        params
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v).escape_debug().to_string())
-            .unwrap_or_default()
+    let field = |name: &[u8]| params.get(name).filter(|v| !v.is_empty());
+    let escaped = |v: &[u8]| String::from_utf8_lossy(v).escape_debug().to_string();
+    let url = match field(b"REQUEST_URI").or_else(|| field(b"UNENCODED_URL")) {
+        Some(url) => escaped(url),
+        None => {
+            let path = field(b"PATH_INFO").map(escaped).unwrap_or_default();
+            match field(b"QUERY_STRING") {
+                Some(query) => format!("{path}?{}", escaped(query)),
+                None => path,
+            }
+        }
     };
-    format!("{} {}", field(b"REQUEST_METHOD"), field(b"REQUEST_URI"))
+    let method = field(b"REQUEST_METHOD").map(escaped).unwrap_or_default();
+    format!("{method} {url}")
 }
 
 impl App {
