@@ -485,6 +485,38 @@ fn a_restart_that_cannot_happen_keeps_serving() {
     assert_eq!(gateway.connect().get(1, &params).status, 200);
 }
 
+/// Item 7: a binary at the path that passes the check but cannot be executed (still open for
+/// writing, as while a deploy copies it: ETXTBSY) fails the exec after the drain; the running
+/// binary is executed instead, and serves on.
+#[test]
+fn a_restart_whose_exec_fails_runs_the_running_binary() {
+    let app = AppDir::new("hello.app", &[]);
+    let copy = app.path().join("wfastcgi-copy");
+    std::fs::copy(BINARY, &copy).expect("copy the binary");
+    let (mut gateway, _) = serve_unix(&copy, &app);
+    app.wait_for_log("watching");
+    let staged = app.path().join("wfastcgi-new");
+    std::fs::copy(BINARY, &staged).expect("stage the binary");
+    let still_writing = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&staged)
+        .expect("open for writing");
+    std::fs::rename(&staged, &copy).expect("install the binary");
+    std::fs::write(app.path().join("app.py"), "# changed\n").expect("touch");
+    let log = wait_for_count(&app, "WSGI handler \"hello.app\" loaded", 2);
+    drop(still_writing);
+    assert!(
+        log.contains("restarting the running binary instead"),
+        "{log}"
+    );
+    assert!(
+        gateway.wait_exit(Duration::from_millis(300)).is_none(),
+        "{log}"
+    );
+    let params = app.iis_params("GET", "/");
+    assert_eq!(gateway.connect().get(1, &params).status, 200);
+}
+
 /// Item 8: a web.config in UTF-16 with a byte-order mark (Windows PowerShell 5.1's `Out-File`)
 /// is read, little- and big-endian.
 #[test]
