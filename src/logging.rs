@@ -4,7 +4,7 @@
 //! The subscriber is installed at start-up with a reloadable sink, because under IIS the log
 //! file is only known once the first request names the app folder and its web.config is read.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use anyhow::{Context, Result};
@@ -26,6 +26,8 @@ struct State {
     sink: reload::Handle<Sink, Filtered>,
     /// Flushes the background writer when dropped; kept until [`flush`].
     guard: Option<WorkerGuard>,
+    /// The log file, written to directly after [`flush`].
+    file: Option<(PathBuf, LogRotation)>,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -52,6 +54,7 @@ pub fn init(to_stderr: bool, level: tracing::Level) {
             level,
             sink,
             guard: None,
+            file: None,
         }));
     }
 }
@@ -70,24 +73,7 @@ where
 /// Sends all further diagnostics to `path` through a background writer thread, so a slow disk
 /// never holds a request (or the GIL).
 pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("WSGI_LOG {} names no file", path.display()))?;
-    let rotation = match rotation {
-        LogRotation::Never => Rotation::NEVER,
-        LogRotation::Hourly => Rotation::HOURLY,
-        LogRotation::Daily => Rotation::DAILY,
-    };
-    let appender = RollingFileAppender::builder()
-        .rotation(rotation)
-        .filename_prefix(file_name.to_string_lossy())
-        .build(dir)
-        .with_context(|| format!("WSGI_LOG {} cannot be opened", path.display()))?;
-    let (writer, guard) = tracing_appender::non_blocking(appender);
+    let (writer, guard) = tracing_appender::non_blocking(appender(path, rotation)?);
     let state = STATE.get().context("logging is not initialised")?;
     let mut state = state
         .lock()
@@ -101,10 +87,10 @@ pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> R
         .reload(LevelFilter::from_level(level))
         .context("cannot set the log level")?;
     state.guard = Some(guard);
+    state.file = Some((path.to_owned(), rotation));
     Ok(())
 }
 
-/// Writes out what the background writer still holds; call before the process exits.
 /// A reason the process cannot start at all, before any log file is known: standard error (a
 /// person at a console) and, on Windows, the Application event log (IIS gives no console).
 pub fn report_startup_failure(message: &str) {
@@ -113,11 +99,42 @@ pub fn report_startup_failure(message: &str) {
     crate::windows::report_error(message);
 }
 
+fn appender(path: &Path, rotation: LogRotation) -> Result<RollingFileAppender> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("WSGI_LOG {} names no file", path.display()))?;
+    let rotation = match rotation {
+        LogRotation::Never => Rotation::NEVER,
+        LogRotation::Hourly => Rotation::HOURLY,
+        LogRotation::Daily => Rotation::DAILY,
+    };
+    RollingFileAppender::builder()
+        .rotation(rotation)
+        .filename_prefix(file_name.to_string_lossy())
+        .build(dir)
+        .with_context(|| format!("WSGI_LOG {} cannot be opened", path.display()))
+}
+
+/// Writes out what the background writer still holds; call before the process exits or
+/// re-executes. Lines logged after it (why an exec failed, say) are written to the file
+/// directly.
 pub fn flush() {
     if let Some(state) = STATE.get() {
         let mut state = state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         state.guard.take();
+        let direct = state
+            .file
+            .as_ref()
+            .map(|(path, rotation)| appender(path, *rotation));
+        if let Some(Ok(file)) = direct {
+            // Without a file, later lines are lost, as before the log was opened.
+            let _ = state.sink.reload(line_format(file).boxed());
+        }
     }
 }

@@ -623,7 +623,8 @@ pub fn can_reexec() -> Result<(), String> {
 /// fd 3 by the socket activation protocol. The new process gets `environment` (the one this
 /// process started with), not the current one, which holds web.config's settings as they were:
 /// a setting since removed would live on, and a large one can exceed the kernel's limit for
-/// exec (E2BIG). Returns only if the exec failed.
+/// exec (E2BIG). The binary at this binary's path runs, or if it cannot, the running one.
+/// Returns only if both execs failed.
 #[cfg(unix)]
 pub fn reexec(
     listener: Socket,
@@ -644,17 +645,30 @@ pub fn reexec(
             return io::Error::last_os_error();
         }
     }
-    let exe = match restart_binary() {
-        Ok(exe) => exe,
-        Err(e) => return e,
+    let exec = |exe: &std::path::Path| {
+        std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env_clear()
+            .envs(environment.iter().map(|(k, v)| (k, v)))
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_PID", std::process::id().to_string())
+            .exec()
     };
-    std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env_clear()
-        .envs(environment.iter().map(|(k, v)| (k, v)))
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_PID", std::process::id().to_string())
-        .exec()
+    let (exe, error) = match restart_binary() {
+        Ok(exe) => {
+            let error = exec(&exe);
+            (exe, error)
+        }
+        Err(e) => (PathBuf::from("this binary"), e),
+    };
+    // The binary at the path cannot run after all (not a program, say): the running one can
+    // (Linux's /proc/self/exe), so the process keeps serving, with the code it has.
+    tracing::error!(
+        "cannot run {}: {error}; restarting the running binary instead",
+        exe.display()
+    );
+    crate::logging::flush();
+    exec(std::path::Path::new("/proc/self/exe"))
 }
 
 /// Ctrl-C or IIS's shutdown event starts a graceful shutdown; a second Ctrl-C exits at once.

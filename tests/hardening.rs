@@ -376,8 +376,8 @@ fn processes_share_a_burst_without_a_503() {
     assert_eq!(pids.len(), 2, "both processes served: {pids:?}");
 }
 
-/// Starts `binary serve --bind unix:DIR/sock --app-dir DIR` and waits until it listens.
-fn serve_unix(binary: &Path, app: &AppDir) -> (Gateway, PathBuf) {
+/// Starts `binary serve --bind unix:DIR/gateway.sock --app-dir DIR` and waits until it listens.
+fn serve_unix(binary: &Path, app: &AppDir) -> Gateway {
     let socket = app.path().join("gateway.sock");
     let child = Command::new(binary)
         .args(["serve", "--bind"])
@@ -399,7 +399,7 @@ fn serve_unix(binary: &Path, app: &AppDir) -> (Gateway, PathBuf) {
         assert!(Instant::now() < deadline, "not listening:\n{}", app.log());
         std::thread::sleep(Duration::from_millis(25));
     }
-    (gateway, socket)
+    gateway
 }
 
 fn wait_for_count(app: &AppDir, needle: &str, count: usize) -> String {
@@ -436,7 +436,7 @@ fn a_restart_reflects_web_config_as_it_is_now() {
     let app = AppDir::new("environment.app", &[]);
     let big = "b".repeat(200_000);
     write_config(&app, &[("FOO", "bar"), ("BIG", &big)]);
-    let (gateway, _) = serve_unix(Path::new(BINARY), &app);
+    let gateway = serve_unix(Path::new(BINARY), &app);
     app.wait_for_log("watching");
     let params = app.iis_params("GET", "/");
     let env = gateway.connect().get(1, &params).json();
@@ -451,16 +451,23 @@ fn a_restart_reflects_web_config_as_it_is_now() {
     assert_eq!(env["BIG"].as_str().map(str::len), Some(200_000));
 }
 
+/// `serve_unix` with a copy of the binary in the app folder (for a test to replace), once it
+/// watches for changes; the gateway and the copy's path.
+fn serve_a_copy(app: &AppDir) -> (Gateway, PathBuf) {
+    let copy = app.path().join("wfastcgi-copy");
+    std::fs::copy(BINARY, &copy).expect("copy the binary");
+    let gateway = serve_unix(&copy, app);
+    app.wait_for_log("watching");
+    (gateway, copy)
+}
+
 /// Item 7: a restart the binary cannot make (it was deleted) is logged, and the process keeps
 /// serving instead of draining into an exec that fails; once a binary is installed at the path
 /// again (renamed over it, as deploys do), the next change restarts into it.
 #[test]
 fn a_restart_that_cannot_happen_keeps_serving() {
     let app = AppDir::new("hello.app", &[]);
-    let copy = app.path().join("wfastcgi-copy");
-    std::fs::copy(BINARY, &copy).expect("copy the binary");
-    let (mut gateway, _) = serve_unix(&copy, &app);
-    app.wait_for_log("watching");
+    let (mut gateway, copy) = serve_a_copy(&app);
     std::fs::remove_file(&copy).expect("delete the binary");
     std::fs::write(app.path().join("app.py"), "# changed\n").expect("touch");
     let log = app.wait_for_log("cannot restart");
@@ -482,6 +489,35 @@ fn a_restart_that_cannot_happen_keeps_serving() {
         log.contains("restarting: the listening socket stays open"),
         "{log}"
     );
+    assert_eq!(gateway.connect().get(1, &params).status, 200);
+}
+
+/// Item 7: a binary at the path that passes the check but cannot be executed (still open for
+/// writing, as while a deploy copies it: ETXTBSY) fails the exec after the drain; the running
+/// binary is executed instead, and serves on.
+#[test]
+fn a_restart_whose_exec_fails_runs_the_running_binary() {
+    let app = AppDir::new("hello.app", &[]);
+    let (mut gateway, copy) = serve_a_copy(&app);
+    let staged = app.path().join("wfastcgi-new");
+    std::fs::copy(BINARY, &staged).expect("stage the binary");
+    let still_writing = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&staged)
+        .expect("open for writing");
+    std::fs::rename(&staged, &copy).expect("install the binary");
+    std::fs::write(app.path().join("app.py"), "# changed\n").expect("touch");
+    let log = wait_for_count(&app, "WSGI handler \"hello.app\" loaded", 2);
+    drop(still_writing);
+    assert!(
+        log.contains("restarting the running binary instead"),
+        "{log}"
+    );
+    assert!(
+        gateway.wait_exit(Duration::from_millis(300)).is_none(),
+        "{log}"
+    );
+    let params = app.iis_params("GET", "/");
     assert_eq!(gateway.connect().get(1, &params).status, 200);
 }
 
@@ -509,7 +545,7 @@ fn a_utf16_web_config_is_read() {
             bytes.extend_from_slice(&pair);
         }
         std::fs::write(&config, bytes).expect("write");
-        let (gateway, _) = serve_unix(Path::new(BINARY), &app);
+        let gateway = serve_unix(Path::new(BINARY), &app);
         let response = gateway.connect().get(1, &app.iis_params("GET", "/"));
         assert_eq!(response.text(), "Hello, World!\n");
     }
