@@ -15,7 +15,7 @@ use crate::protocol::ParamLimits;
 use crate::python::{self, App, Deployment};
 use crate::server::Transport;
 use crate::watcher::{self, WatchSettings};
-use crate::{exchange, logging, shutdown, worker};
+use crate::{exchange, logging, ops, shutdown, worker};
 
 /// Connections served at once in the listening modes (more wait in the backlog), as
 /// GET_VALUES reports it.
@@ -33,12 +33,14 @@ pub struct Options {
     pub multiprocess: bool,
     /// A worker under `--processes`: the supervisor watches files and restarts it.
     pub supervised: bool,
+    /// More settings given as options (`ops::OpsArgs`).
+    pub settings: Vec<(String, String)>,
 }
 
 impl Options {
     /// Command-line options outrank web.config and the environment.
     pub fn overrides(&self) -> HashMap<String, String> {
-        let mut overrides = HashMap::new();
+        let mut overrides: HashMap<String, String> = self.settings.iter().cloned().collect();
         if let Some(venv) = &self.venv {
             // A path typed on the command line is relative to the working directory.
             let venv = std::path::absolute(venv).unwrap_or_else(|_| venv.clone());
@@ -190,7 +192,10 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let server_trigger = trigger.clone();
     let server = std::thread::Builder::new()
         .name("wfastcgi-io".into())
-        .spawn(move || runtime.block_on(crate::server::run(transport, context, server_trigger)))
+        .spawn(move || {
+            let listener = runtime.block_on(crate::server::run(transport, context, server_trigger));
+            ops::io_finished(listener);
+        })
         .context("cannot start the I/O thread")?;
 
     let mut next = || job_receiver.recv().ok();
@@ -206,8 +211,9 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             .config
             .as_ref()
             .map_or(1, |config| threads(config, iis_stream));
-        let (state, first_job) =
-            start_site(site, first_job, &mut next, &options, &trigger, threads);
+        let (state, first_job) = start_site(
+            site, first_job, &mut next, &options, &trigger, threads, false,
+        );
         let feed = Feed {
             jobs: &job_receiver,
             #[cfg(target_os = "linux")]
@@ -217,11 +223,10 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         };
         run_workers(&state, threads, first_job, &feed);
     }
-    let listener = server.join().unwrap_or_else(|_| {
+    if server.join().is_err() {
         tracing::error!("the I/O thread panicked");
-        None
-    });
-    finish(listener)
+    }
+    finish()
 }
 
 /// Under IIS (fd 0 a connected stream): requests are read and answered by the application's
@@ -244,11 +249,11 @@ fn serve_direct(
             .unwrap_or_default(),
     };
     if let Some(site) = site {
-        let (state, first_job) = start_site(site, first_job, &mut next, options, &trigger, 1);
+        let (state, first_job) = start_site(site, first_job, &mut next, options, &trigger, 1, true);
         work(&state, first_job, &mut next);
     }
     trigger.fire(shutdown::Reason::EndOfStream);
-    finish(None)
+    finish()
 }
 
 /// Watches the site, sets the grace period, reports a log problem to the first request, and
@@ -260,11 +265,17 @@ fn start_site(
     options: &Options,
     trigger: &shutdown::Trigger,
     threads: usize,
+    direct: bool,
 ) -> (AppState, Option<Job>) {
     if !options.supervised {
         watcher::spawn(site.watch_settings(), trigger.clone());
     }
     if let Ok(config) = &site.config {
+        let mode = ops::Mode {
+            supervised: options.supervised,
+            direct,
+        };
+        ops::start(config, trigger.clone(), mode);
         shutdown::set_grace(config.restart_grace().unwrap_or_else(|e| {
             tracing::error!("{e:#}; using 30 s");
             DEFAULT_GRACE
@@ -286,7 +297,13 @@ fn start_site(
 }
 
 /// Finalises Python, then exits, or (a restart in a listening mode) re-executes in place.
-fn finish(listener: Option<socket2::Socket>) -> Result<()> {
+/// When a request's thread is stuck, the watchdog ends the process instead.
+fn finish() -> Result<()> {
+    let Some(listener) = ops::listener_for_finish() else {
+        loop {
+            std::thread::park();
+        }
+    };
     shutdown::serving_done();
     python::interpreter::finalize(shutdown::grace());
     match listener {

@@ -87,6 +87,7 @@ impl AppArgs {
         if let Some(threads) = self.threads {
             args.extend(["--threads".into(), threads.to_string().into()]);
         }
+        args.extend(self.ops.args());
         args
     }
 }
@@ -121,6 +122,8 @@ struct AppArgs {
     /// Python worker threads (as WSGI_THREADS); default 1 under IIS, 4 with --bind.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    #[command(flatten)]
+    ops: wfastcgi::ops::OpsArgs,
 }
 
 #[cfg(unix)]
@@ -150,6 +153,7 @@ fn tool(command: Command) -> ExitCode {
         } => {
             let options = Options {
                 venv: app.venv,
+                settings: app.ops.overrides(),
                 ..Options::default()
             };
             let fine = wfastcgi::check::run(target, options.overrides(), request.as_deref());
@@ -239,6 +243,7 @@ fn main() -> ExitCode {
         threads: app.threads,
         multiprocess: bind.is_none() || supervised || processes.is_some_and(|n| n > 1),
         supervised,
+        settings: app.ops.overrides(),
     };
     let served = match processes {
         #[cfg(unix)]

@@ -5,7 +5,9 @@
 //!   application is loaded (its readiness).
 //! - A worker that dies is replaced, with a back-off that grows while workers keep dying young.
 //! - A watched file change or SIGHUP replaces the workers one at a time, each new one ready
-//!   before the old one is told to drain, so capacity never drops to zero.
+//!   before the old one is told to drain, so capacity never drops to zero. A worker that wants
+//!   to be recycled (WSGI_MAX_REQUESTS, WSGI_MAX_RSS, a stuck request) writes `r` on its
+//!   readiness pipe and is replaced the same way.
 //! - SIGTERM or SIGINT drains every worker and exits.
 //!
 //! The supervisor never starts Python.
@@ -57,6 +59,8 @@ pub struct Supervisor {
     /// Consecutive early deaths, for the back-off.
     failures: u32,
     exits: mpsc::UnboundedSender<Exit>,
+    /// Workers (by pid) that asked to be replaced.
+    recycles: mpsc::UnboundedSender<u32>,
 }
 
 pub fn run(
@@ -70,6 +74,7 @@ pub fn run(
         .build()
         .context("cannot start the supervisor's runtime")?;
     let (exits, exit_events) = mpsc::unbounded_channel();
+    let (recycles, recycle_requests) = mpsc::unbounded_channel();
     let mut supervisor = Supervisor {
         listener,
         worker_args,
@@ -77,10 +82,11 @@ pub fn run(
         pending: Vec::new(),
         failures: 0,
         exits,
+        recycles,
     };
     let grace = config.restart_grace()?;
     let watch = watch_settings(config);
-    runtime.block_on(supervisor.supervise(exit_events, watch, grace))
+    runtime.block_on(supervisor.supervise(exit_events, recycle_requests, watch, grace))
 }
 
 fn watch_settings(config: &AppConfig) -> WatchSettings {
@@ -104,6 +110,7 @@ impl Supervisor {
     async fn supervise(
         &mut self,
         mut exit_events: mpsc::UnboundedReceiver<Exit>,
+        mut recycle_requests: mpsc::UnboundedReceiver<u32>,
         watch: WatchSettings,
         grace: Duration,
     ) -> Result<()> {
@@ -132,6 +139,7 @@ impl Supervisor {
                     }
                 }
                 Some(exit) = exit_events.recv() => self.on_exit(exit),
+                Some(pid) = recycle_requests.recv() => self.recycle(pid).await,
             }
         }
         tracing::info!("stopping: draining every worker");
@@ -217,10 +225,21 @@ impl Supervisor {
         });
         let mut byte = [0u8; 1];
         match tokio::time::timeout(READY_LIMIT, ready_reader.read(&mut byte)).await {
-            Ok(Ok(1)) => Ok(Worker {
-                pid,
-                started: Instant::now(),
-            }),
+            Ok(Ok(1)) => {
+                let recycles = self.recycles.clone();
+                tokio::spawn(async move {
+                    // Until the worker exits (end of file).
+                    while let Ok(1) = ready_reader.read(&mut byte).await {
+                        if byte[0] == b'r' {
+                            let _ = recycles.send(pid);
+                        }
+                    }
+                });
+                Ok(Worker {
+                    pid,
+                    started: Instant::now(),
+                })
+            }
             Ok(_) => anyhow::bail!("worker pid {pid} exited before it was ready"),
             Err(_) => {
                 kill(pid, libc::SIGKILL);
@@ -253,18 +272,39 @@ impl Supervisor {
 
     async fn rolling_restart(&mut self) {
         for slot in 0..self.slots.len() {
-            let old = self.slots[slot].take();
-            if !self.replace(slot).await {
-                // Keep the old worker serving rather than leave the slot empty.
-                self.pending.retain(|(pending, _)| *pending != slot);
-                self.slots[slot] = old;
-                continue;
-            }
-            if let Some(old) = old {
-                kill(old.pid, libc::SIGTERM);
-            }
+            self.replace_running(slot).await;
         }
         tracing::info!("every worker replaced");
+    }
+
+    /// Starts a new worker for `slot`, then tells the old one to drain.
+    async fn replace_running(&mut self, slot: usize) {
+        let old = self.slots[slot].take();
+        if !self.replace(slot).await {
+            // Keep the old worker serving rather than leave the slot empty.
+            self.pending.retain(|(pending, _)| *pending != slot);
+            self.slots[slot] = old;
+            return;
+        }
+        if let Some(old) = old {
+            kill(old.pid, libc::SIGTERM);
+        }
+    }
+
+    /// A worker asked to be recycled.
+    async fn recycle(&mut self, pid: u32) {
+        let Some(slot) = self
+            .slots
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
+        else {
+            return;
+        };
+        tracing::info!(
+            "worker {} (pid {pid}) asks to be recycled: replacing it",
+            slot + 1
+        );
+        self.replace_running(slot).await;
     }
 
     async fn stop_all(&mut self, exit_events: &mut mpsc::UnboundedReceiver<Exit>, grace: Duration) {
@@ -334,6 +374,9 @@ fn ready_pipe() -> Result<(OwnedFd, tokio::net::unix::pipe::Receiver)> {
     Ok((writer, receiver))
 }
 
+/// In a worker: the pipe to the supervisor, kept open after readiness to ask for recycling.
+static READY_PIPE: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
 /// In a worker: tells the supervisor the application is loaded.
 pub fn report_ready() {
     use std::io::Write;
@@ -347,9 +390,33 @@ pub fn report_ready() {
     std::env::remove_var(READY_FD_VAR);
     // SAFETY: the supervisor passed this descriptor for this purpose; nothing else owns it.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
-    if let Err(e) = pipe.write_all(b"1") {
-        tracing::warn!("cannot report readiness to the supervisor: {e}");
+    // Kept open from now on: no child process of the application may inherit it.
+    // SAFETY: fcntl on the descriptor just taken over.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    match pipe.write_all(b"1") {
+        Ok(()) => *lock_pipe() = Some(pipe),
+        Err(e) => tracing::warn!("cannot report readiness to the supervisor: {e}"),
     }
+}
+
+/// In a worker: asks the supervisor to start a replacement and then stop this worker. False when
+/// there is no supervisor to ask.
+pub fn request_replacement() -> bool {
+    use std::io::Write;
+    match lock_pipe().as_mut().map(|pipe| pipe.write_all(b"r")) {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            tracing::warn!("cannot ask the supervisor for a replacement: {e}");
+            false
+        }
+        None => false,
+    }
+}
+
+fn lock_pipe() -> std::sync::MutexGuard<'static, Option<std::fs::File>> {
+    READY_PIPE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

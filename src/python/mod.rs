@@ -178,11 +178,12 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
             return refuse(py, response, "413 Content Too Large");
         }
     }
-    let responder = match Bound::new(py, StartResponse::new(response)) {
+    let in_flight = crate::ops::begin(|| thread_ident(py), || describe(&params), response);
+    let responder = match Bound::new(py, StartResponse::new(in_flight.sink())) {
         Ok(responder) => responder,
         Err(e) => {
             tracing::error!("cannot create start_response: {}", format_exception(py, &e));
-            return;
+            return in_flight.end();
         }
     };
     let input = match app.input_spool {
@@ -202,6 +203,25 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
             .borrow_mut()
             .fail(py, failure, app.error_detail, &what);
     }
+    in_flight.end();
+}
+
+/// This thread's `threading.get_ident()`, the key of its stack in `sys._current_frames()`.
+fn thread_ident(py: Python<'_>) -> u64 {
+    thread_local! {
+        static IDENT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    }
+    IDENT.with(|cell| {
+        cell.get().unwrap_or_else(|| {
+            let ident = py
+                .import("threading")
+                .and_then(|threading| threading.call_method0("get_ident"))
+                .and_then(|id| id.extract())
+                .unwrap_or(0);
+            cell.set(Some(ident));
+            ident
+        })
+    })
 }
 
 /// CONTENT_LENGTH as a number; absent or empty is `None`; anything else is an error.

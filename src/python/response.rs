@@ -11,7 +11,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use crate::config::ErrorDetail;
-use crate::exchange::{self, Output, ResponseEncoder, ResponseGone, ResponseSink, TrySendError};
+use std::sync::Arc;
+
+use crate::exchange::{self, Output, ResponseEncoder, ResponseGone, TrySendError};
+use crate::ops::GuardedSink;
 
 use super::format_exception;
 use super::streams::FileWrapper;
@@ -31,7 +34,8 @@ pub struct StartResponse {
     body_len: u64,
     headers_sent: bool,
     encoder: ResponseEncoder,
-    sink: ResponseSink,
+    /// Shared with the watchdog, which may answer a stuck request in the application's place.
+    sink: Arc<GuardedSink>,
 }
 
 /// Why a request did not end normally.
@@ -59,7 +63,7 @@ impl From<ResponseGone> for Failure {
 }
 
 impl StartResponse {
-    pub fn new(sink: ResponseSink) -> Self {
+    pub fn new(sink: Arc<GuardedSink>) -> Self {
         StartResponse {
             head: None,
             content_length: None,

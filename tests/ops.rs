@@ -1,0 +1,214 @@
+//! Operations against the real binary: the stuck-request watchdog, slow-request stacks, stack
+//! dumps on SIGUSR1, and recycling, under IIS (fd 0 a stream) and with `--bind`, alone and with
+//! `--processes 2`.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let output = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn iis_a_stuck_request_is_logged_answered_504_and_the_process_exits_0() {
+    let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let response = client.get(1, &app.iis_params("GET", "/spin?stuck"));
+    assert_eq!(response.status, 504, "{}", response.text());
+    let status = gateway
+        .wait_exit(Duration::from_secs(20))
+        .expect("the process exits");
+    assert_eq!(status.code(), Some(0), "{}", app.log());
+    let log = app.log();
+    assert!(log.contains("GET /spin?stuck is stuck"), "{log}");
+    assert!(log.contains("WSGI_REQUEST_TIMEOUT=1"), "{log}");
+    assert!(log.contains("answered 504 Gateway Timeout"), "{log}");
+    // Every frame, down to the loop itself.
+    assert!(log.contains("in app\n"), "{log}");
+    assert!(log.contains("in spin_forever\n"), "{log}");
+    assert!(log.contains("while True:"), "{log}");
+    assert!(log.contains("without finalising Python"), "{log}");
+}
+
+#[test]
+fn iis_a_stuck_response_already_started_is_cut_short() {
+    let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let response = client.get(1, &app.iis_params("GET", "/?started"));
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "first chunk\n");
+    assert_eq!(response.app_status, 1, "ended as a failure");
+    assert_eq!(
+        gateway
+            .wait_exit(Duration::from_secs(20))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    let log = app.log();
+    assert!(log.contains("already started, is cut short"), "{log}");
+    assert!(log.contains("in started\n"), "{log}");
+}
+
+#[test]
+fn iis_a_slow_request_has_its_stack_logged_and_is_served() {
+    let app = AppDir::new("ops.app", &[("WSGI_SLOW_REQUEST_LOG", "0.3")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let response = client.get(1, &app.iis_params("GET", "/?nap=1"));
+    assert_eq!(response.status, 200);
+    let log = app.wait_for_log("in nap\n");
+    assert!(log.contains("GET /?nap=1 is slow"), "{log}");
+    assert!(log.contains("time.sleep(seconds)"), "{log}");
+    // Logged once, and the process keeps serving.
+    assert_eq!(log.matches(" is slow").count(), 1, "{log}");
+    assert_eq!(client.get(2, &app.iis_params("GET", "/")).status, 200);
+    assert!(gateway.child.try_wait().expect("wait").is_none());
+}
+
+#[test]
+fn sigusr1_dumps_every_threads_python_stack() {
+    let app = AppDir::new("ops.app", &[]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    assert_eq!(client.get(1, &app.iis_params("GET", "/")).status, 200);
+    gateway.signal(libc::SIGUSR1);
+    let log = app.wait_for_log("in _background_sleeper");
+    assert!(
+        log.contains("SIGUSR1: the Python stack of every thread"),
+        "{log}"
+    );
+    assert!(log.contains("ops-sleeper (most recent call last)"), "{log}");
+    assert_eq!(client.get(2, &app.iis_params("GET", "/")).status, 200);
+}
+
+#[test]
+fn bind_a_stuck_request_restarts_the_process_in_place() {
+    let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "2"]);
+    let mut stuck = gateway.connect();
+    let before = gateway.connect().get(1, &app.iis_params("GET", "/")).text();
+    let response = stuck.get(1, &app.iis_params("GET", "/?stuck"));
+    assert_eq!(response.status, 504, "{}", app.log());
+    app.wait_for_log("the listening socket stays open");
+    wait_until("the application loads again", || {
+        app.log().matches("WSGI handler \"ops.app\" loaded").count() == 2
+    });
+    let after = gateway.connect().get(1, &app.iis_params("GET", "/"));
+    assert_eq!(after.status, 200);
+    assert_eq!(after.text(), before, "the same process, executed afresh");
+    assert!(app.log().contains("in spin_forever\n"));
+}
+
+#[test]
+fn processes_a_worker_with_a_stuck_request_is_replaced() {
+    let app = AppDir::new("ops.app", &[]);
+    let gateway = Gateway::bind(
+        Address::Tcp(any_port()),
+        app.path(),
+        &[
+            "--processes",
+            "2",
+            "--threads",
+            "2",
+            "--request-timeout",
+            "1",
+        ],
+    );
+    wait_until("two workers", || {
+        app.log().matches("ready (pid").count() == 2
+    });
+    let workers = children(gateway.child.id());
+    let response = gateway.connect().get(1, &app.iis_params("GET", "/?stuck"));
+    assert_eq!(response.status, 504);
+    let log = app.wait_for_log("asks to be recycled");
+    assert!(log.contains("in spin_forever\n"), "{log}");
+    wait_until("a worker replaced", || {
+        let now = children(gateway.child.id());
+        now.len() == 2 && now.iter().filter(|pid| workers.contains(pid)).count() == 1
+    });
+    for n in 0..20 {
+        let response = gateway.connect().get(1, &app.iis_params("GET", "/"));
+        assert_eq!(response.status, 200, "request {n}");
+    }
+    assert!(
+        !app.log().contains("exited:"),
+        "exited 0, not counted as a crash"
+    );
+}
+
+#[test]
+fn iis_max_requests_recycles_after_the_last_response() {
+    let app = AppDir::new("ops.app", &[("WSGI_MAX_REQUESTS", "3")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    for id in 1..=3 {
+        assert_eq!(client.get(id, &app.iis_params("GET", "/")).status, 200);
+    }
+    let status = gateway.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    let log = app.log();
+    assert!(
+        log.contains("recycling: 3 requests served (WSGI_MAX_REQUESTS=3"),
+        "{log}"
+    );
+}
+
+#[test]
+fn check_reports_the_watchdog_against_iis_request_timeout() {
+    let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "120")]);
+    let check = |dir: &std::path::Path| {
+        let output = Command::new(BINARY)
+            .arg("check")
+            .arg(dir)
+            .output()
+            .expect("run check");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let report = check(app.path());
+    assert!(
+        report.contains(
+            "warn  WSGI_REQUEST_TIMEOUT=120 s is not below requestTimeout=90 s (IIS's default)"
+        ),
+        "{report}"
+    );
+    // A longer requestTimeout in web.config's <fastCgi> makes it fine.
+    let config = app.path().join("web.config");
+    let text = std::fs::read_to_string(&config).expect("read");
+    let text = text.replace(
+        "</configuration>",
+        "<system.webServer><fastCgi><application fullPath=\"C:\\wfastcgi.exe\" requestTimeout=\"300\" /></fastCgi></system.webServer></configuration>",
+    );
+    std::fs::write(&config, text).expect("write");
+    let report = check(app.path());
+    assert!(
+        report.contains("ok    WSGI_REQUEST_TIMEOUT=120 s: a request running longer"),
+        "{report}"
+    );
+    assert!(
+        report.contains("requestTimeout=300 s, web.config's"),
+        "{report}"
+    );
+    let bad = AppDir::new("ops.app", &[("WSGI_MAX_RSS", "lots")]);
+    assert!(check(bad.path()).contains("FAIL  app setting WSGI_MAX_RSS=\"lots\" is invalid"));
+}
