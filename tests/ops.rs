@@ -212,3 +212,28 @@ fn check_reports_the_watchdog_against_iis_request_timeout() {
     let bad = AppDir::new("ops.app", &[("WSGI_MAX_RSS", "lots")]);
     assert!(check(bad.path()).contains("FAIL  app setting WSGI_MAX_RSS=\"lots\" is invalid"));
 }
+
+#[test]
+fn iis_max_rss_recycles_a_leaking_process() {
+    let app = AppDir::new("ops.leak", &[("WSGI_MAX_RSS", "60")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let mut served = 0;
+    for id in 1..=200 {
+        let mut request = Send::new(id, &[]);
+        let params = app.iis_params("GET", "/");
+        request.params = &params;
+        client.send(&request);
+        match client.read_record() {
+            Some(_) => served += 1,
+            None => break,
+        }
+        // The rest of this response.
+        let _ = client.read_response(id);
+    }
+    let status = gateway.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(served > 5 && served < 200, "recycled after {served} requests");
+    let log = app.log();
+    assert!(log.contains("is above WSGI_MAX_RSS=60 MiB"), "{log}");
+}
