@@ -26,6 +26,8 @@ struct State {
     sink: reload::Handle<Sink, Filtered>,
     /// Flushes the background writer when dropped; kept until [`flush`].
     guard: Option<WorkerGuard>,
+    /// Other background writers (the access log), flushed the same way.
+    others: Vec<WorkerGuard>,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -52,6 +54,7 @@ pub fn init(to_stderr: bool, level: tracing::Level) {
             level,
             sink,
             guard: None,
+            others: Vec::new(),
         }));
     }
 }
@@ -70,22 +73,7 @@ where
 /// Sends all further diagnostics to `path` through a background writer thread, so a slow disk
 /// never holds a request (or the GIL).
 pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("WSGI_LOG {} names no file", path.display()))?;
-    let rotation = match rotation {
-        LogRotation::Never => Rotation::NEVER,
-        LogRotation::Hourly => Rotation::HOURLY,
-        LogRotation::Daily => Rotation::DAILY,
-    };
-    let appender = RollingFileAppender::builder()
-        .rotation(rotation)
-        .filename_prefix(file_name.to_string_lossy())
-        .build(dir)
+    let appender = appender(path, rotation)
         .with_context(|| format!("WSGI_LOG {} cannot be opened", path.display()))?;
     let (writer, guard) = tracing_appender::non_blocking(appender);
     let state = STATE.get().context("logging is not initialised")?;
@@ -104,6 +92,37 @@ pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> R
     Ok(())
 }
 
+/// A file appender for `path`, rotated as `rotation` says.
+pub fn appender(path: &Path, rotation: LogRotation) -> Result<RollingFileAppender> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let rotation = match rotation {
+        LogRotation::Never => Rotation::NEVER,
+        LogRotation::Hourly => Rotation::HOURLY,
+        LogRotation::Daily => Rotation::DAILY,
+    };
+    Ok(RollingFileAppender::builder()
+        .rotation(rotation)
+        .filename_prefix(file_name.to_string_lossy())
+        .build(dir)?)
+}
+
+/// Keeps another background writer's guard, to be flushed by [`flush`].
+pub fn flush_at_exit(guard: WorkerGuard) {
+    if let Some(state) = STATE.get() {
+        state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .others
+            .push(guard);
+    }
+}
+
 /// Writes out what the background writer still holds; call before the process exits.
 /// A reason the process cannot start at all, before any log file is known: standard error (a
 /// person at a console) and, on Windows, the Application event log (IIS gives no console).
@@ -119,5 +138,6 @@ pub fn flush() {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         state.guard.take();
+        state.others.clear();
     }
 }

@@ -559,5 +559,8 @@ fn nginx_leaking_app_is_recycled_by_max_rss_without_a_failed_request() {
     assert!(recycled >= 10, "{recycled} recycled\n{log}");
     assert!(pids.len() > 10, "{} worker processes answered", pids.len());
     assert!(log.contains("is above WSGI_MAX_RSS=100 MiB"), "{log}");
-    assert!(!log.contains("exited:"), "no worker counted as crashed\n{log}");
+    assert!(
+        !log.contains("exited:"),
+        "no worker counted as crashed\n{log}"
+    );
 }

@@ -233,7 +233,144 @@ fn iis_max_rss_recycles_a_leaking_process() {
     }
     let status = gateway.wait_exit(Duration::from_secs(20)).expect("exits");
     assert_eq!(status.code(), Some(0));
-    assert!(served > 5 && served < 200, "recycled after {served} requests");
+    assert!(
+        served > 5 && served < 200,
+        "recycled after {served} requests"
+    );
     let log = app.log();
     assert!(log.contains("is above WSGI_MAX_RSS=60 MiB"), "{log}");
+}
+
+fn lines_of(path: &std::path::Path, count: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    wait_until("the access log lines", || {
+        lines = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.len() >= count
+    });
+    lines
+}
+
+#[test]
+fn iis_access_log_in_combined_format() {
+    let app = AppDir::new("ops.app", &[("WSGI_ACCESS_LOG", "logs/access.log")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let pid = client.get(1, &app.iis_params("GET", "/")).text();
+    let mut params = app.iis_params("GET", "/a%20b?q=\"x\"");
+    set_param(&mut params, "HTTP_REFERER", "http://example.com/");
+    assert_eq!(client.get(2, &params).status, 200);
+    let mut bad = app.iis_params("POST", "/upload");
+    set_param(&mut bad, "CONTENT_LENGTH", "lots");
+    assert_eq!(client.get(3, &bad).status, 400);
+    let lines = lines_of(&app.path().join("logs/access.log"), 3);
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let fields = |line: &str| {
+        let (host, rest) = line.split_once(" - - [").expect("start");
+        let (_, rest) = rest.split_once("] ").expect("time");
+        (host.to_owned(), rest.to_owned())
+    };
+    assert_eq!(
+        fields(&lines[0]),
+        (
+            "127.0.0.1".to_owned(),
+            format!(
+                "\"GET / HTTP/1.1\" 200 {} \"-\" \"wfastcgi-tests\"",
+                pid.len()
+            )
+        )
+    );
+    assert_eq!(
+        fields(&lines[1]).1,
+        format!(
+            "\"GET /a%20b?q=\\\"x\\\" HTTP/1.1\" 200 {} \"http://example.com/\" \"wfastcgi-tests\"",
+            pid.len()
+        )
+    );
+    assert_eq!(
+        fields(&lines[2]).1,
+        "\"POST /upload HTTP/1.1\" 400 12 \"-\" \"wfastcgi-tests\""
+    );
+}
+
+#[test]
+fn processes_access_log_with_a_custom_format() {
+    let app = AppDir::new("ops.app", &[]);
+    let gateway = Gateway::bind(
+        Address::Tcp(any_port()),
+        app.path(),
+        &[
+            "--processes",
+            "2",
+            "--access-log",
+            "access.log",
+            "--access-log-format",
+            "%m %U %q %s %B %L %{ms}T %h",
+        ],
+    );
+    wait_until("two workers", || {
+        app.log().matches("ready (pid").count() == 2
+    });
+    let mut pids = std::collections::HashSet::new();
+    for n in 0..40 {
+        let response = gateway
+            .connect()
+            .get(1, &app.iis_params("GET", &format!("/n?i={n}")));
+        assert_eq!(response.status, 200);
+        pids.insert(response.text());
+    }
+    let lines = lines_of(&app.path().join("access.log"), 40);
+    assert_eq!(lines.len(), 40);
+    let mut ids = std::collections::HashSet::new();
+    for line in &lines {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields.len(), 8, "{line}");
+        assert_eq!(&fields[..2], ["GET", "/n"], "{line}");
+        assert!(fields[2].starts_with("?i="), "{line}");
+        assert_eq!(fields[3], "200");
+        let (pid, number) = fields[5].split_once('-').expect("request id");
+        let pid = u32::from_str_radix(pid, 16).expect("hex pid");
+        assert!(pids.contains(&pid.to_string()), "{line}");
+        assert_eq!(fields[4], pid.to_string().len().to_string());
+        assert!(ids.insert(fields[5].to_owned()), "unique ids: {line}");
+        assert!(number.parse::<u64>().is_ok());
+        assert!(fields[6].parse::<u64>().is_ok(), "{line}");
+        assert_eq!(fields[7], "127.0.0.1");
+    }
+    let mut queries: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split(' ').nth(2).unwrap_or(""))
+        .collect();
+    queries.sort_unstable();
+    queries.dedup();
+    assert_eq!(queries.len(), 40, "one line per request");
+}
+
+#[test]
+fn access_log_to_the_main_log_and_a_bad_format() {
+    let app = AppDir::new(
+        "ops.app",
+        &[
+            ("WSGI_ACCESS_LOG", "log"),
+            ("WSGI_ACCESS_LOG_FORMAT", "%m %U %s"),
+        ],
+    );
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    assert_eq!(client.get(1, &app.iis_params("GET", "/main")).status, 200);
+    app.wait_for_log("GET /main 200");
+    let bad = AppDir::new("ops.app", &[("WSGI_ACCESS_LOG_FORMAT", "%Z")]);
+    let output = Command::new(BINARY)
+        .arg("check")
+        .arg(bad.path())
+        .output()
+        .expect("check");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.contains("FAIL  app setting WSGI_ACCESS_LOG_FORMAT=\"%Z\" is invalid: %Z is not a known format atom"),
+        "{report}"
+    );
 }

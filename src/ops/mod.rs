@@ -8,6 +8,7 @@
 //! Hooked in where a job is served (`python::handle`): [`begin`] when the application is about
 //! to run, [`InFlight::end`] when its response is complete.
 
+pub mod access;
 pub mod report;
 mod service;
 mod sink;
@@ -21,6 +22,7 @@ use anyhow::{bail, Result};
 
 use crate::config::AppConfig;
 use crate::exchange::ResponseSink;
+use crate::protocol::Params;
 use crate::shutdown;
 
 pub use service::{io_finished, listener_for_finish};
@@ -33,6 +35,8 @@ pub const SETTINGS: &[&str] = &[
     "WSGI_MAX_REQUESTS",
     "WSGI_MAX_REQUESTS_JITTER",
     "WSGI_MAX_RSS",
+    "WSGI_ACCESS_LOG",
+    "WSGI_ACCESS_LOG_FORMAT",
 ];
 
 /// The command-line twins of the settings (they outrank web.config, as every option does).
@@ -54,10 +58,17 @@ pub struct OpsArgs {
     /// Replace the process once its resident memory exceeds this many MiB (as WSGI_MAX_RSS).
     #[arg(long, value_name = "MIB")]
     pub max_rss: Option<String>,
+    /// Write one line per request to this file, or to the main log with `log` (as
+    /// WSGI_ACCESS_LOG).
+    #[arg(long, value_name = "FILE")]
+    pub access_log: Option<String>,
+    /// The access log's line, Apache style (as WSGI_ACCESS_LOG_FORMAT); default: combined.
+    #[arg(long, value_name = "FORMAT")]
+    pub access_log_format: Option<String>,
 }
 
 impl OpsArgs {
-    fn pairs(&self) -> [(&'static str, &'static str, &Option<String>); 5] {
+    fn pairs(&self) -> [(&'static str, &'static str, &Option<String>); 7] {
         [
             (
                 "WSGI_REQUEST_TIMEOUT",
@@ -76,6 +87,12 @@ impl OpsArgs {
                 &self.max_requests_jitter,
             ),
             ("WSGI_MAX_RSS", "--max-rss", &self.max_rss),
+            ("WSGI_ACCESS_LOG", "--access-log", &self.access_log),
+            (
+                "WSGI_ACCESS_LOG_FORMAT",
+                "--access-log-format",
+                &self.access_log_format,
+            ),
         ]
     }
 
@@ -98,7 +115,7 @@ impl OpsArgs {
 }
 
 /// The operations settings in effect.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Settings {
     pub request_timeout: Option<Duration>,
     pub slow_request_log: Option<Duration>,
@@ -106,6 +123,15 @@ pub struct Settings {
     pub max_requests_jitter: u64,
     /// Bytes.
     pub max_rss: Option<u64>,
+    /// `WSGI_ACCESS_LOG`: a file, or `log`.
+    pub access_log: Option<String>,
+    pub access_log_format: access::Format,
+}
+
+impl Default for access::Format {
+    fn default() -> Self {
+        access::Format::parse(access::COMBINED).unwrap_or_else(|_| unreachable!())
+    }
 }
 
 impl Settings {
@@ -116,6 +142,18 @@ impl Settings {
             max_requests: count(config, "WSGI_MAX_REQUESTS")?,
             max_requests_jitter: count(config, "WSGI_MAX_REQUESTS_JITTER")?.unwrap_or(0),
             max_rss: count(config, "WSGI_MAX_RSS")?.map(|mib| mib.saturating_mul(1 << 20)),
+            access_log: config
+                .get("WSGI_ACCESS_LOG")
+                .filter(|v| !v.trim().is_empty()),
+            access_log_format: match config.get("WSGI_ACCESS_LOG_FORMAT") {
+                Some(format) if !format.trim().is_empty() => access::Format::parse(&format)
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "app setting WSGI_ACCESS_LOG_FORMAT={format:?} is invalid: {e}"
+                        )
+                    })?,
+                _ => access::Format::default(),
+            },
         })
     }
 
@@ -173,6 +211,7 @@ struct Ops {
     served: AtomicU64,
     /// WSGI_MAX_REQUESTS plus this process's jitter.
     request_limit: Option<u64>,
+    access: Option<access::Sink>,
 }
 
 static OPS: OnceLock<Ops> = OnceLock::new();
@@ -190,7 +229,16 @@ pub fn start(config: &AppConfig, trigger: shutdown::Trigger, mode: Mode) {
     let request_limit = settings
         .max_requests
         .map(|limit| limit + jitter(settings.max_requests_jitter));
+    let access = settings.access_log.as_deref().and_then(|value| {
+        let rotation = config
+            .log_rotation()
+            .unwrap_or(crate::config::LogRotation::Never);
+        access::Sink::open(value, &config.app_dir, rotation)
+            .map_err(|e| tracing::error!("{e:#}; the access log is off"))
+            .ok()
+    });
     let ops = Ops {
+        access,
         settings,
         trigger,
         mode,
@@ -237,6 +285,7 @@ struct Tracked {
 pub struct InFlight {
     sink: Arc<GuardedSink>,
     tracked: Option<Arc<Tracked>>,
+    started: Instant,
 }
 
 /// The application is about to run a request: its response goes through the returned sink,
@@ -262,7 +311,11 @@ pub fn begin(
             lock(&ops.running).push(tracked.clone());
             tracked
         });
-    InFlight { sink, tracked }
+    InFlight {
+        sink,
+        tracked,
+        started: Instant::now(),
+    }
 }
 
 impl InFlight {
@@ -270,13 +323,22 @@ impl InFlight {
         self.sink.clone()
     }
 
-    /// The response is complete (or cut short).
-    pub fn end(self) {
+    /// The response is complete (or cut short): `status` and `bytes` of body were sent.
+    pub fn end(self, params: &Params, status: u16, bytes: u64) {
         let Some(ops) = OPS.get() else { return };
         if let Some(tracked) = &self.tracked {
             lock(&ops.running).retain(|t| !Arc::ptr_eq(t, tracked));
         }
         let served = ops.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(sink) = &ops.access {
+            sink.write(ops.settings.access_log_format.line(&access::Entry {
+                params,
+                status,
+                bytes,
+                duration: self.started.elapsed(),
+                number: served,
+            }));
+        }
         if let (Some(limit), Some(max)) = (ops.request_limit, ops.settings.max_requests) {
             if served == limit {
                 service::recycle(

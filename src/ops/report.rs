@@ -75,6 +75,29 @@ pub fn check(config: &AppConfig) -> Vec<Finding> {
             Finding::Warn("WSGI_MAX_RSS is only measured on Linux: here it does nothing".into())
         });
     }
+    match settings.access_log.as_deref().map(str::trim) {
+        None => {}
+        Some(super::access::MAIN_LOG) => findings.push(Finding::Ok(
+            "WSGI_ACCESS_LOG=log: one line per request in the main log".into(),
+        )),
+        Some(file) => {
+            let path = config.app_dir.join(file);
+            let opened = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path);
+            findings.push(match opened {
+                Ok(_) => Finding::Ok(format!(
+                    "WSGI_ACCESS_LOG {}: one line per request",
+                    path.display()
+                )),
+                Err(e) => Finding::Fail(format!(
+                    "WSGI_ACCESS_LOG {} cannot be opened: {e}",
+                    path.display()
+                )),
+            });
+        }
+    }
     findings
 }
 

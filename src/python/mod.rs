@@ -159,6 +159,7 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
         body,
         response,
     } = job;
+    let in_flight = crate::ops::begin(|| thread_ident(py), || describe(&params), response);
     let content_length = match content_length(&params) {
         Ok(length) => length,
         Err(()) => {
@@ -166,7 +167,7 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
                 "{}: non-numeric CONTENT_LENGTH refused with 400",
                 describe(&params)
             );
-            return refuse(py, response, "400 Bad Request");
+            return refuse(py, in_flight, &params, 400, "Bad Request");
         }
     };
     if let (Some(length), Some(max)) = (content_length, app.max_body) {
@@ -175,15 +176,14 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
                 "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
                 describe(&params)
             );
-            return refuse(py, response, "413 Content Too Large");
+            return refuse(py, in_flight, &params, 413, "Content Too Large");
         }
     }
-    let in_flight = crate::ops::begin(|| thread_ident(py), || describe(&params), response);
     let responder = match Bound::new(py, StartResponse::new(in_flight.sink())) {
         Ok(responder) => responder,
         Err(e) => {
             tracing::error!("cannot create start_response: {}", format_exception(py, &e));
-            return in_flight.end();
+            return in_flight.end(&params, 500, 0);
         }
     };
     let input = match app.input_spool {
@@ -203,7 +203,8 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
             .borrow_mut()
             .fail(py, failure, app.error_detail, &what);
     }
-    in_flight.end();
+    let (status, bytes) = responder.borrow().outcome();
+    in_flight.end(&params, status, bytes);
 }
 
 /// This thread's `threading.get_ident()`, the key of its stack in `sys._current_frames()`.
@@ -238,9 +239,24 @@ fn content_length(params: &Params) -> Result<Option<u64>, ()> {
 }
 
 /// Answers a request the application never sees.
-fn refuse(py: Python<'_>, response: crate::exchange::ResponseSink, status: &str) {
-    let reason = status.split_once(' ').map_or(status, |(_, reason)| reason);
-    py.detach(|| crate::exchange::respond(&response, status, &format!("{reason}\n")));
+fn refuse(
+    py: Python<'_>,
+    in_flight: crate::ops::InFlight,
+    params: &Params,
+    status: u16,
+    reason: &str,
+) {
+    let sink = in_flight.sink();
+    let body = format!("{reason}\n");
+    let mut encoder = ResponseEncoder::new(sink.request_id());
+    crate::exchange::simple_response(
+        &mut encoder,
+        &format!("{status} {reason}"),
+        &[],
+        body.as_bytes(),
+    );
+    let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
+    in_flight.end(params, status, body.len() as u64);
 }
 
 /// `GET /path` for log lines, with control characters escaped so a request cannot forge lines.

@@ -32,6 +32,8 @@ pub struct StartResponse {
     content_length: Option<u64>,
     /// Body bytes encoded so far.
     body_len: u64,
+    /// The status code, for the access log: the application's, or the one sent in its place.
+    status: u16,
     headers_sent: bool,
     encoder: ResponseEncoder,
     /// Shared with the watchdog, which may answer a stuck request in the application's place.
@@ -68,6 +70,7 @@ impl StartResponse {
             head: None,
             content_length: None,
             body_len: 0,
+            status: 0,
             headers_sent: false,
             encoder: ResponseEncoder::new(sink.request_id()),
             sink,
@@ -76,6 +79,11 @@ impl StartResponse {
 
     pub fn is_aborted(&self) -> bool {
         self.sink.is_aborted()
+    }
+
+    /// The status code and the body bytes sent.
+    pub fn outcome(&self) -> (u16, u64) {
+        (self.status, self.body_len)
     }
 
     /// Adds a body chunk (after the headers, for the first) and sends the batch when `flush`.
@@ -201,6 +209,7 @@ impl StartResponse {
         tracing::error!(request_id, "{what} failed:\n{message}");
         self.encoder.discard();
         error_response(&mut self.encoder, &message, detail);
+        (self.status, self.body_len) = (500, 0);
         self.headers_sent = true;
         let records = self.encoder.finish(0);
         let _ = self.send(py, Output::End(records));
@@ -312,9 +321,10 @@ impl StartResponse {
                 _ => {}
             }
         }
-        let (head, content_length) = encode_head(status, headers)?;
+        let (head, content_length, code) = encode_head(status, headers)?;
         let mut this = slf.borrow_mut();
         this.head = Some(head);
+        this.status = code;
         this.content_length = content_length;
         drop(this);
         slf.getattr(pyo3::intern!(slf.py(), "write"))
@@ -336,11 +346,11 @@ impl StartResponse {
 }
 
 /// `Status: 200 OK\r\nName: value\r\n...\r\n` from start_response's arguments, validated,
-/// and the Content-Length among them.
+/// the Content-Length among them, and the status code.
 fn encode_head(
     status: &Bound<'_, PyAny>,
     headers: &Bound<'_, PyAny>,
-) -> PyResult<(Vec<u8>, Option<u64>)> {
+) -> PyResult<(Vec<u8>, Option<u64>, u16)> {
     let mut content_length = None;
     let status: String = status
         .extract()
@@ -393,7 +403,8 @@ fn encode_head(
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    Ok((head, content_length))
+    let code = status[..3].parse().unwrap_or(0);
+    Ok((head, content_length, code))
 }
 
 /// Appends a string already checked to hold only ISO-8859-1 characters, one byte each.
