@@ -28,6 +28,17 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// `serve --processes 2` plus `args`, once both workers are ready.
+fn two_workers(app: &AppDir, args: &[&str]) -> Gateway {
+    let mut all = vec!["--processes", "2"];
+    all.extend_from_slice(args);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &all);
+    wait_until("two workers", || {
+        app.log().matches("ready (pid").count() == 2
+    });
+    gateway
+}
+
 #[test]
 fn iis_a_stuck_request_is_logged_answered_504_and_the_process_exits_0() {
     let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
@@ -123,21 +134,7 @@ fn bind_a_stuck_request_restarts_the_process_in_place() {
 #[test]
 fn processes_a_worker_with_a_stuck_request_is_replaced() {
     let app = AppDir::new("ops.app", &[]);
-    let gateway = Gateway::bind(
-        Address::Tcp(any_port()),
-        app.path(),
-        &[
-            "--processes",
-            "2",
-            "--threads",
-            "2",
-            "--request-timeout",
-            "1",
-        ],
-    );
-    wait_until("two workers", || {
-        app.log().matches("ready (pid").count() == 2
-    });
+    let gateway = two_workers(&app, &["--threads", "2", "--request-timeout", "1"]);
     let workers = children(gateway.child.id());
     let response = gateway.connect().get(1, &app.iis_params("GET", "/?stuck"));
     assert_eq!(response.status, 504);
@@ -299,21 +296,15 @@ fn iis_access_log_in_combined_format() {
 #[test]
 fn processes_access_log_with_a_custom_format() {
     let app = AppDir::new("ops.app", &[]);
-    let gateway = Gateway::bind(
-        Address::Tcp(any_port()),
-        app.path(),
+    let gateway = two_workers(
+        &app,
         &[
-            "--processes",
-            "2",
             "--access-log",
             "access.log",
             "--access-log-format",
             "%m %U %q %s %B %L %{ms}T %h",
         ],
     );
-    wait_until("two workers", || {
-        app.log().matches("ready (pid").count() == 2
-    });
     let mut pids = std::collections::HashSet::new();
     for n in 0..40 {
         let response = gateway
