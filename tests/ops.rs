@@ -365,3 +365,62 @@ fn access_log_to_the_main_log_and_a_bad_format() {
         "{report}"
     );
 }
+
+#[test]
+fn processes_health_path_is_answered_without_the_application() {
+    let app = AppDir::new("ops.app", &[("WSGI_ACCESS_LOG", "access.log")]);
+    let gateway = two_workers(&app, &["--health-path", "/healthz"]);
+    for n in 0..4 {
+        let response = gateway
+            .connect()
+            .get(1, &app.iis_params("GET", "/healthz?probe"));
+        assert_eq!(response.status, 200, "probe {n}");
+        assert_eq!(response.text(), "OK\n");
+    }
+    // Other paths reach the application.
+    let other = gateway
+        .connect()
+        .get(1, &app.iis_params("GET", "/healthz/x"));
+    assert_eq!(other.status, 200);
+    assert!(other.text().parse::<u32>().is_ok());
+    let lines = lines_of(&app.path().join("access.log"), 1);
+    assert_eq!(lines.len(), 1, "probes are not logged: {lines:?}");
+}
+
+#[test]
+fn bind_health_path_is_503_while_draining() {
+    let app = AppDir::new("ops.app", &[("WSGI_HEALTH_PATH", "/healthz")]);
+    let mut gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
+    assert_eq!(
+        gateway
+            .connect()
+            .get(1, &app.iis_params("GET", "/healthz"))
+            .status,
+        200
+    );
+    // The one thread is busy: the probe waits in the queue while the drain starts, and is
+    // answered once the request in flight is done.
+    let mut slow = gateway.connect();
+    let params = app.iis_params("GET", "/?nap=2");
+    slow.send(&Send::new(1, &params));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut probe = gateway.connect();
+    let probe_params = app.iis_params("GET", "/healthz");
+    probe.send(&Send::new(1, &probe_params));
+    std::thread::sleep(Duration::from_millis(300));
+    gateway.signal(libc::SIGTERM);
+    assert_eq!(
+        slow.read_response(1).status,
+        200,
+        "the request in flight finishes"
+    );
+    let answer = probe.read_response(1);
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(answer.text(), "draining\n");
+    assert_eq!(
+        gateway
+            .wait_exit(Duration::from_secs(20))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+}

@@ -37,6 +37,7 @@ pub const SETTINGS: &[&str] = &[
     "WSGI_MAX_RSS",
     "WSGI_ACCESS_LOG",
     "WSGI_ACCESS_LOG_FORMAT",
+    "WSGI_HEALTH_PATH",
 ];
 
 /// The command-line twins of the settings (they outrank web.config, as every option does).
@@ -65,10 +66,14 @@ pub struct OpsArgs {
     /// The access log's line, Apache style (as WSGI_ACCESS_LOG_FORMAT); default: combined.
     #[arg(long, value_name = "FORMAT")]
     pub access_log_format: Option<String>,
+    /// A path the gateway answers itself, 200 while serving and 503 while draining (as
+    /// WSGI_HEALTH_PATH).
+    #[arg(long, value_name = "/PATH")]
+    pub health_path: Option<String>,
 }
 
 impl OpsArgs {
-    fn pairs(&self) -> [(&'static str, &'static str, &Option<String>); 7] {
+    fn pairs(&self) -> [(&'static str, &'static str, &Option<String>); 8] {
         [
             (
                 "WSGI_REQUEST_TIMEOUT",
@@ -93,6 +98,7 @@ impl OpsArgs {
                 "--access-log-format",
                 &self.access_log_format,
             ),
+            ("WSGI_HEALTH_PATH", "--health-path", &self.health_path),
         ]
     }
 
@@ -126,6 +132,8 @@ pub struct Settings {
     /// `WSGI_ACCESS_LOG`: a file, or `log`.
     pub access_log: Option<String>,
     pub access_log_format: access::Format,
+    /// `WSGI_HEALTH_PATH`.
+    pub health_path: Option<String>,
 }
 
 impl Default for access::Format {
@@ -153,6 +161,13 @@ impl Settings {
                         )
                     })?,
                 _ => access::Format::default(),
+            },
+            health_path: match config.get("WSGI_HEALTH_PATH") {
+                Some(path) if path.trim().starts_with('/') => Some(path.trim().to_owned()),
+                Some(path) if !path.trim().is_empty() => bail!(
+                    "app setting WSGI_HEALTH_PATH={path:?} is invalid: expected a path starting with /"
+                ),
+                _ => None,
             },
         })
     }
@@ -205,6 +220,7 @@ pub struct Mode {
 struct Ops {
     settings: Settings,
     trigger: shutdown::Trigger,
+    shutdown: shutdown::Shutdown,
     mode: Mode,
     /// Requests the application is running, when the watchdog watches them.
     running: Mutex<Vec<Arc<Tracked>>>,
@@ -240,6 +256,7 @@ pub fn start(config: &AppConfig, trigger: shutdown::Trigger, mode: Mode) {
     let ops = Ops {
         access,
         settings,
+        shutdown: trigger.subscribe(),
         trigger,
         mode,
         running: Mutex::new(Vec::new()),
@@ -266,6 +283,25 @@ fn jitter(max: u64) -> u64 {
     let seed = (u64::from(std::process::id()) << 32 | u64::from(nanos))
         .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (seed >> 11) % (max + 1)
+}
+
+/// `WSGI_HEALTH_PATH`: the status the gateway answers a request for it with (200 while serving,
+/// 503 once a shutdown or restart has started), or `None` for any other request.
+pub fn health(params: &Params) -> Option<u16> {
+    let ops = OPS.get()?;
+    let wanted = ops.settings.health_path.as_deref()?;
+    let uri = params
+        .get(b"REQUEST_URI")
+        .or_else(|| params.get(b"PATH_INFO"))?;
+    let path = uri.split(|&b| b == b'?').next().unwrap_or_default();
+    if path != wanted.as_bytes() {
+        return None;
+    }
+    Some(if ops.shutdown.reason().is_some() {
+        503
+    } else {
+        200
+    })
 }
 
 /// A request the watchdog watches.

@@ -159,6 +159,13 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
         body,
         response,
     } = job;
+    if let Some(status) = crate::ops::health(&params) {
+        let (status, body) = match status {
+            200 => ("200 OK", "OK\n"),
+            _ => ("503 Service Unavailable", "draining\n"),
+        };
+        return py.detach(|| crate::exchange::respond(&response, status, body));
+    }
     let in_flight = crate::ops::begin(|| thread_ident(py), || describe(&params), response);
     let content_length = match content_length(&params) {
         Ok(length) => length,
