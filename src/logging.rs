@@ -132,7 +132,17 @@ pub fn report_startup_failure(message: &str) {
     crate::windows::report_error(message);
 }
 
+/// Runs `hook` first each time [`flush`] runs (the access log's batch).
+pub fn before_flush(hook: fn()) {
+    let _ = BEFORE_FLUSH.set(hook);
+}
+
+static BEFORE_FLUSH: OnceLock<fn()> = OnceLock::new();
+
 pub fn flush() {
+    if let Some(hook) = BEFORE_FLUSH.get() {
+        hook();
+    }
     if let Some(state) = STATE.get() {
         let mut state = state
             .lock()

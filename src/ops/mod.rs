@@ -236,7 +236,7 @@ static OPS: OnceLock<Ops> = OnceLock::new();
 /// the configuration is read; a setting that does not parse is logged and left off.
 pub fn start(config: &AppConfig, trigger: shutdown::Trigger, mode: Mode) {
     let settings = Settings::from_config(config).unwrap_or_else(|e| {
-        tracing::error!("{e:#}; the watchdog and recycling are off");
+        tracing::error!("{e:#}; the watchdog, recycling, access log and health path are off");
         Settings::default()
     });
     if mode.direct {
@@ -267,6 +267,14 @@ pub fn start(config: &AppConfig, trigger: shutdown::Trigger, mode: Mode) {
         if let Some(ops) = OPS.get() {
             watchdog::spawn(ops);
         }
+        crate::logging::before_flush(flush_access_log);
+    }
+}
+
+/// Hands the access lines gathered so far to the writer thread.
+fn flush_access_log() {
+    if let Some(access) = OPS.get().and_then(|ops| ops.access.as_ref()) {
+        access.flush();
     }
 }
 
@@ -367,13 +375,14 @@ impl InFlight {
         }
         let served = ops.served.fetch_add(1, Ordering::Relaxed) + 1;
         if let Some(sink) = &ops.access {
-            sink.write(ops.settings.access_log_format.line(&access::Entry {
+            let entry = access::Entry {
                 params,
                 status,
                 bytes,
                 duration: self.started.elapsed(),
                 number: served,
-            }));
+            };
+            sink.record(&ops.settings.access_log_format, &entry);
         }
         if let (Some(limit), Some(max)) = (ops.request_limit, ops.settings.max_requests) {
             if served == limit {

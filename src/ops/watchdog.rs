@@ -1,6 +1,7 @@
 //! The watchdog thread: it looks at the requests in flight every tick, logs the Python stack of
 //! a slow one, answers a stuck one and takes the process out of service, checks the resident
-//! memory, and dumps every thread's stack on SIGUSR1.
+//! memory, and sends the access log's lines to their writer. Another thread dumps every
+//! thread's stack on SIGUSR1.
 //!
 //! A thread stuck in Python cannot be stopped safely, so a stuck request is answered here (504,
 //! or the response ended) and the process replaced. Stacks are read by briefly attaching to the
@@ -25,7 +26,7 @@ const GIL_WAIT: Duration = Duration::from_secs(2);
 pub fn spawn(ops: &'static Ops) {
     #[cfg(unix)]
     spawn_stack_dumps();
-    if !ops.settings.watches_requests() && ops.settings.max_rss.is_none() {
+    if !ops.settings.watches_requests() && ops.settings.max_rss.is_none() && ops.access.is_none() {
         return;
     }
     // A plain thread, not a runtime's: answering a request blocks on the connection's channel.
@@ -35,6 +36,9 @@ pub fn spawn(ops: &'static Ops) {
             std::thread::sleep(TICK);
             inspect_requests(ops);
             check_memory(ops);
+            if let Some(access) = &ops.access {
+                access.flush();
+            }
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start the watchdog thread: {e}");
