@@ -156,6 +156,8 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         _ => (config::DEFAULT_QUEUE_LENGTH, None, None),
     };
     let (jobs, job_receiver) = worker::queue(queue_length);
+    let waiting = job_receiver.clone();
+    ops::metrics::set_queue_length(move || waiting.len());
     let (max_conns, max_reqs) = if iis_stream {
         (1, 1)
     } else {

@@ -424,3 +424,189 @@ fn bind_health_path_is_503_while_draining() {
         Some(0)
     );
 }
+
+/// GET on the metrics endpoint: the body, parsed by prometheus_client's OpenMetrics parser
+/// into `name{label="value",...}` -> value.
+fn scrape(address: &str) -> (String, std::collections::BTreeMap<String, f64>) {
+    use std::io::{Read, Write};
+    let mut response = Vec::new();
+    let request = b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n";
+    match address.strip_prefix("unix:") {
+        Some(path) => {
+            let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect");
+            stream.write_all(request).expect("send");
+            stream.read_to_end(&mut response).expect("read");
+        }
+        None => {
+            let mut stream = std::net::TcpStream::connect(address).expect("connect");
+            stream.write_all(request).expect("send");
+            stream.read_to_end(&mut response).expect("read");
+        }
+    }
+    let response = String::from_utf8(response).expect("text");
+    let (head, body) = response.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    let venv = std::env::var_os("WFASTCGI_TEST_VENV").expect(
+        "WFASTCGI_TEST_VENV is not set: run the tests with scripts/test, which installs prometheus_client",
+    );
+    const PARSE: &str = "
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+samples = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for s in family.samples:
+        labels = ','.join('%s=\"%s\"' % kv for kv in sorted(s.labels.items()))
+        samples[s.name + '{' + labels + '}'] = s.value
+print(json.dumps(samples))
+";
+    let mut parser = Command::new(std::path::Path::new(&venv).join("bin/python"))
+        .args(["-c", PARSE])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    parser
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write");
+    let output = parser.wait_with_output().expect("parser");
+    assert!(
+        output.status.success(),
+        "the OpenMetrics parser refused:\n{}\n{body}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let samples = serde_json::from_slice(&output.stdout).expect("json");
+    (body.to_owned(), samples)
+}
+
+fn sample(samples: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    *samples
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {samples:#?}"))
+}
+
+#[test]
+fn bind_metrics_count_a_known_request_mix() {
+    let address = free_tcp_address().to_string();
+    let app = AppDir::new("ops.app", &[("WSGI_METRICS", &address)]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "2"]);
+    app.wait_for_log("metrics on");
+    for _ in 0..5 {
+        assert_eq!(
+            gateway.connect().get(1, &app.iis_params("GET", "/")).status,
+            200
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            gateway
+                .connect()
+                .get(1, &app.iis_params("GET", "/?fail"))
+                .status,
+            500
+        );
+    }
+    let mut post = app.iis_params("POST", "/");
+    set_param(&mut post, "CONTENT_LENGTH", "1000");
+    let body = vec![b'x'; 1000];
+    let answer = gateway.connect().request(&Send::new(1, &post).body(&body));
+    assert_eq!(answer.status, 200);
+    let pid_len = answer.body.len() as f64;
+    let mut bad = app.iis_params("GET", "/");
+    set_param(&mut bad, "CONTENT_LENGTH", "lots");
+    assert_eq!(gateway.connect().get(1, &bad).status, 400);
+    let (body, samples) = scrape(&address);
+    assert_eq!(
+        sample(&samples, "wfastcgi_requests_total{class=\"2xx\"}"),
+        6.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&samples, "wfastcgi_requests_total{class=\"4xx\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&samples, "wfastcgi_requests_total{class=\"5xx\"}"),
+        2.0
+    );
+    assert_eq!(sample(&samples, "wfastcgi_app_exceptions_total{}"), 2.0);
+    assert_eq!(
+        sample(&samples, "wfastcgi_request_duration_seconds_count{}"),
+        9.0
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "wfastcgi_request_duration_seconds_bucket{le=\"+Inf\"}"
+        ),
+        9.0
+    );
+    assert_eq!(sample(&samples, "wfastcgi_request_bytes_total{}"), 1000.0);
+    // Six process ids, two 500 pages, one 400 page.
+    let out =
+        6.0 * pid_len + 2.0 * "Internal Server Error\n".len() as f64 + "Bad Request\n".len() as f64;
+    assert_eq!(sample(&samples, "wfastcgi_response_bytes_total{}"), out);
+    assert_eq!(sample(&samples, "wfastcgi_requests_in_flight{}"), 0.0);
+    assert_eq!(sample(&samples, "wfastcgi_queue_length{}"), 0.0);
+    assert!(sample(&samples, "wfastcgi_resident_memory_bytes{}") > 1e6);
+    assert!(sample(&samples, "wfastcgi_gil_wait_seconds_total{}") >= 0.0);
+    println!("{body}");
+}
+
+#[test]
+fn processes_metrics_add_up_the_workers_and_count_restarts() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let address = format!("unix:{}", dir.path().join("metrics.sock").display());
+    let app = AppDir::new("ops.app", &[]);
+    let gateway = two_workers(&app, &["--metrics", &address]);
+    for _ in 0..30 {
+        assert_eq!(
+            gateway.connect().get(1, &app.iis_params("GET", "/")).status,
+            200
+        );
+    }
+    // Each worker reports every second.
+    let mut samples = Default::default();
+    wait_until("30 requests in the metrics", || {
+        samples = scrape(&address).1;
+        samples.get("wfastcgi_requests_total{class=\"2xx\"}") == Some(&30.0)
+    });
+    assert_eq!(sample(&samples, "wfastcgi_worker_respawns_total{}"), 0.0);
+    gateway.signal(libc::SIGHUP);
+    app.wait_for_log("every worker replaced");
+    wait_until("the old workers' counts kept", || {
+        samples = scrape(&address).1;
+        sample(&samples, "wfastcgi_worker_restarts_total{cause=\"sighup\"}") == 2.0
+            && sample(&samples, "wfastcgi_requests_total{class=\"2xx\"}") == 30.0
+            && children(gateway.child.id()).len() == 2
+    });
+    let workers = children(gateway.child.id());
+    // SAFETY: kill(2) on a worker of the gateway under test.
+    unsafe { libc::kill(workers[0] as i32, libc::SIGKILL) };
+    wait_until("a respawn counted", || {
+        samples = scrape(&address).1;
+        sample(&samples, "wfastcgi_worker_respawns_total{}") == 1.0
+    });
+    assert_eq!(
+        sample(&samples, "wfastcgi_worker_restarts_total{cause=\"stuck\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn iis_metrics_are_off() {
+    let app = AppDir::new("ops.app", &[("WSGI_METRICS", "127.0.0.1:1")]);
+    let mut gateway = Gateway::iis(&[]);
+    assert_eq!(
+        gateway.client().get(1, &app.iis_params("GET", "/")).status,
+        200
+    );
+    app.wait_for_log("WSGI_METRICS is ignored under IIS");
+}

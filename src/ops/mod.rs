@@ -9,6 +9,7 @@
 //! to run, [`InFlight::end`] when its response is complete.
 
 pub mod access;
+pub mod metrics;
 pub mod report;
 mod service;
 mod sink;
@@ -18,14 +19,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::config::AppConfig;
 use crate::exchange::ResponseSink;
 use crate::protocol::Params;
 use crate::shutdown;
 
-pub use service::{io_finished, listener_for_finish};
+pub use service::{io_finished, listener_for_finish, Cause};
 pub use sink::GuardedSink;
 
 /// The settings of this module, for `check` and the README.
@@ -38,6 +39,7 @@ pub const SETTINGS: &[&str] = &[
     "WSGI_ACCESS_LOG",
     "WSGI_ACCESS_LOG_FORMAT",
     "WSGI_HEALTH_PATH",
+    "WSGI_METRICS",
 ];
 
 /// The command-line twins of the settings (they outrank web.config, as every option does).
@@ -70,10 +72,13 @@ pub struct OpsArgs {
     /// WSGI_HEALTH_PATH).
     #[arg(long, value_name = "/PATH")]
     pub health_path: Option<String>,
+    /// Serve OpenMetrics on HOST:PORT or unix:/path (as WSGI_METRICS).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 impl OpsArgs {
-    fn pairs(&self) -> [(&'static str, &'static str, &Option<String>); 8] {
+    fn pairs(&self) -> [(&'static str, &'static str, &Option<String>); 9] {
         [
             (
                 "WSGI_REQUEST_TIMEOUT",
@@ -99,6 +104,7 @@ impl OpsArgs {
                 &self.access_log_format,
             ),
             ("WSGI_HEALTH_PATH", "--health-path", &self.health_path),
+            ("WSGI_METRICS", "--metrics", &self.metrics),
         ]
     }
 
@@ -134,6 +140,8 @@ pub struct Settings {
     pub access_log_format: access::Format,
     /// `WSGI_HEALTH_PATH`.
     pub health_path: Option<String>,
+    /// `WSGI_METRICS`: `HOST:PORT` or `unix:/path`.
+    pub metrics: Option<String>,
 }
 
 impl Default for access::Format {
@@ -166,6 +174,13 @@ impl Settings {
                 Some(path) if path.trim().starts_with('/') => Some(path.trim().to_owned()),
                 Some(path) if !path.trim().is_empty() => bail!(
                     "app setting WSGI_HEALTH_PATH={path:?} is invalid: expected a path starting with /"
+                ),
+                _ => None,
+            },
+            metrics: match config.get("WSGI_METRICS") {
+                Some(value) if !value.trim().is_empty() => Some(
+                    metrics::parse_address(&value)
+                        .with_context(|| format!("app setting WSGI_METRICS={value:?} is invalid"))?,
                 ),
                 _ => None,
             },
@@ -253,6 +268,7 @@ pub fn start(config: &AppConfig, trigger: shutdown::Trigger, mode: Mode) {
             .map_err(|e| tracing::error!("{e:#}; the access log is off"))
             .ok()
     });
+    start_metrics(&settings, mode);
     let ops = Ops {
         access,
         settings,
@@ -268,6 +284,22 @@ pub fn start(config: &AppConfig, trigger: shutdown::Trigger, mode: Mode) {
             watchdog::spawn(ops);
         }
         crate::logging::before_flush(flush_access_log);
+    }
+}
+
+/// Metrics: served here with `--bind`, reported to the supervisor by its workers, off under IIS.
+fn start_metrics(settings: &Settings, mode: Mode) {
+    let Some(address) = &settings.metrics else {
+        return;
+    };
+    if mode.direct {
+        tracing::warn!(
+            "WSGI_METRICS is ignored under IIS: IIS starts and stops the processes, which have no stable address to scrape"
+        );
+    } else if mode.supervised {
+        metrics::enable();
+    } else if let Err(e) = metrics::serve(address, || metrics::render(&metrics::snapshot(), None)) {
+        tracing::error!("{e:#}; metrics are off");
     }
 }
 
@@ -340,6 +372,7 @@ pub fn begin(
     sink: ResponseSink,
 ) -> InFlight {
     let sink = Arc::new(GuardedSink::new(sink));
+    metrics::request_started();
     let tracked = OPS
         .get()
         .filter(|ops| ops.settings.watches_requests())
@@ -374,6 +407,13 @@ impl InFlight {
             lock(&ops.running).retain(|t| !Arc::ptr_eq(t, tracked));
         }
         let served = ops.served.fetch_add(1, Ordering::Relaxed) + 1;
+        if metrics::enabled() {
+            let bytes_in = params
+                .get(b"CONTENT_LENGTH")
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
+                .unwrap_or(0);
+            metrics::request_ended(status, bytes_in, bytes, self.started.elapsed());
+        }
         if let Some(sink) = &ops.access {
             let entry = access::Entry {
                 params,
@@ -388,6 +428,7 @@ impl InFlight {
             if served == limit {
                 service::recycle(
                     ops,
+                    service::Cause::MaxRequests,
                     format!(
                         "{served} requests served (WSGI_MAX_REQUESTS={max}, plus {} of jitter)",
                         limit - max

@@ -75,6 +75,11 @@ pub fn check(config: &AppConfig) -> Vec<Finding> {
             Finding::Warn("WSGI_MAX_RSS is only measured on Linux: here it does nothing".into())
         });
     }
+    if let Some(address) = &settings.metrics {
+        findings.push(Finding::Ok(format!(
+            "WSGI_METRICS {address}: OpenMetrics for `serve --bind` (the supervisor adds up its workers'); ignored under IIS, whose processes have no stable address"
+        )));
+    }
     if let Some(path) = &settings.health_path {
         findings.push(Finding::Ok(format!(
             "WSGI_HEALTH_PATH {path}: answered by the gateway, 200 while serving, 503 while draining"

@@ -60,13 +60,42 @@ pub fn listener_for_finish() -> Option<Option<Socket>> {
 static REPLACING: AtomicBool = AtomicBool::new(false);
 static ABANDONING: AtomicBool = AtomicBool::new(false);
 
+/// Why a process is recycled (the supervisor counts them by cause).
+#[derive(Debug, Clone, Copy)]
+pub enum Cause {
+    MaxRequests,
+    MaxRss,
+    Stuck,
+}
+
+impl Cause {
+    /// The byte that names it on the pipe to the supervisor.
+    pub fn code(self) -> u8 {
+        match self {
+            Cause::MaxRequests => b'q',
+            Cause::MaxRss => b'm',
+            Cause::Stuck => b's',
+        }
+    }
+
+    /// The metrics label of a code.
+    pub fn label(code: u8) -> &'static str {
+        match code {
+            b'q' => "max_requests",
+            b'm' => "max_rss",
+            b's' => "stuck",
+            _ => "other",
+        }
+    }
+}
+
 /// Replaces the process once, losing no request.
-pub(super) fn recycle(ops: &Ops, cause: String) {
+pub(super) fn recycle(ops: &Ops, why: Cause, cause: String) {
     if REPLACING.swap(true, Ordering::AcqRel) {
         return;
     }
     #[cfg(unix)]
-    if ops.mode.supervised && crate::supervisor::request_replacement() {
+    if ops.mode.supervised && crate::supervisor::request_replacement(why.code()) {
         tracing::info!("recycling: {cause}; the supervisor starts a replacement");
         return;
     }
@@ -77,7 +106,7 @@ pub(super) fn recycle(ops: &Ops, cause: String) {
 /// A request's thread is stuck: the process is replaced, and the watchdog ends it once the
 /// other requests in flight are done.
 pub(super) fn abandon(ops: &'static Ops) {
-    recycle(ops, "a request is stuck".into());
+    recycle(ops, Cause::Stuck, "a request is stuck".into());
     if ABANDONING.swap(true, Ordering::AcqRel) {
         return;
     }

@@ -26,18 +26,29 @@ const GIL_WAIT: Duration = Duration::from_secs(2);
 pub fn spawn(ops: &'static Ops) {
     #[cfg(unix)]
     spawn_stack_dumps();
-    if !ops.settings.watches_requests() && ops.settings.max_rss.is_none() && ops.access.is_none() {
+    let reports = ops.mode.supervised && super::metrics::enabled();
+    if !ops.settings.watches_requests()
+        && ops.settings.max_rss.is_none()
+        && ops.access.is_none()
+        && !reports
+    {
         return;
     }
     // A plain thread, not a runtime's: answering a request blocks on the connection's channel.
     let spawned = std::thread::Builder::new()
         .name("wfastcgi-watchdog".into())
-        .spawn(move || loop {
-            std::thread::sleep(TICK);
-            inspect_requests(ops);
-            check_memory(ops);
-            if let Some(access) = &ops.access {
-                access.flush();
+        .spawn(move || {
+            for tick in 1u64.. {
+                std::thread::sleep(TICK);
+                inspect_requests(ops);
+                check_memory(ops);
+                if let Some(access) = &ops.access {
+                    access.flush();
+                }
+                #[cfg(unix)]
+                if reports && tick % 10 == 0 {
+                    crate::supervisor::report_metrics(&super::metrics::snapshot());
+                }
             }
         });
     if let Err(e) = spawned {
@@ -137,6 +148,7 @@ fn check_memory(ops: &'static Ops) {
         if rss > limit {
             service::recycle(
                 ops,
+                service::Cause::MaxRss,
                 format!(
                     "resident memory {} MiB is above WSGI_MAX_RSS={} MiB",
                     rss >> 20,

@@ -147,6 +147,16 @@ pub fn serve_jobs(app: &App, first: Option<Job>, next: &mut (dyn FnMut() -> Opti
         if let Some(job) = first {
             handle(py, app, job);
         }
+        if crate::ops::metrics::enabled() {
+            // The time from a request's arrival to this thread holding the GIL again.
+            while let Some((job, arrived)) =
+                py.detach(|| next().map(|job| (job, std::time::Instant::now())))
+            {
+                crate::ops::metrics::gil_waited(arrived.elapsed());
+                handle(py, app, job);
+            }
+            return;
+        }
         while let Some(job) = py.detach(&mut *next) {
             handle(py, app, job);
         }

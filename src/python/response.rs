@@ -192,8 +192,14 @@ impl StartResponse {
                 let _ = self.send(py, Output::End(records));
                 return;
             }
-            Failure::Exception(e) => format_exception(py, &e),
-            Failure::Contract(message) => message,
+            Failure::Exception(e) => {
+                crate::ops::metrics::app_exception();
+                format_exception(py, &e)
+            }
+            Failure::Contract(message) => {
+                crate::ops::metrics::app_exception();
+                message
+            }
             Failure::File(e) => format!("reading the file given to wsgi.file_wrapper failed: {e}"),
         };
         if self.headers_sent {
@@ -209,22 +215,19 @@ impl StartResponse {
         tracing::error!(request_id, "{what} failed:\n{message}");
         self.encoder.discard();
         error_response(&mut self.encoder, &message, detail);
-        (self.status, self.body_len) = (500, 0);
+        (self.status, self.body_len) = (500, ERROR_BODY.len() as u64);
         self.headers_sent = true;
         let records = self.encoder.finish(0);
         let _ = self.send(py, Output::End(records));
     }
 }
 
+const ERROR_BODY: &[u8] = b"Internal Server Error\n";
+
 /// A 500 whose detail (by default, as wfastcgi.py does) goes on FCGI_STDERR: IIS shows it in its
 /// error page (stderrMode ReturnStdErrIn500); nginx writes it to its error log.
 pub fn error_response(encoder: &mut ResponseEncoder, message: &str, detail: ErrorDetail) {
-    exchange::simple_response(
-        encoder,
-        "500 Internal Server Error",
-        &[],
-        b"Internal Server Error\n",
-    );
+    exchange::simple_response(encoder, "500 Internal Server Error", &[], ERROR_BODY);
     if detail == ErrorDetail::Full {
         encoder.stderr(format!("Error occurred while handling the request:\n{message}").as_bytes());
     }

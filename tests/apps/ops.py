@@ -35,6 +35,8 @@ def app(environ, start_response):
         return started(start_response)
     if "nap" in query:
         nap(float(query["nap"][0]))
+    if "fail" in query:
+        raise ValueError("failing on purpose")
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [str(os.getpid()).encode("ascii")]
 
