@@ -359,6 +359,8 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// A batch is sent to the writer thread once it holds this much.
 const BATCH: usize = 32 * 1024;
+/// Batches that may wait for the writer thread.
+const PENDING_BATCHES: usize = 1024;
 
 /// Where the lines go.
 pub enum Sink {
@@ -386,7 +388,11 @@ impl Sink {
         let path = app_dir.join(value.trim());
         let appender = crate::logging::appender(&path, rotation)
             .with_context(|| format!("WSGI_ACCESS_LOG {}", path.display()))?;
-        let (writer, guard) = tracing_appender::non_blocking(appender);
+        // Each message is a batch: 1,024 of them (32 MiB) may wait for the disk before more
+        // are dropped. The default, 128,000 slots, would take 4 MiB up front.
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .buffered_lines_limit(PENDING_BATCHES)
+            .finish(appender);
         crate::logging::flush_at_exit(guard);
         Ok(Sink::File {
             writer,
