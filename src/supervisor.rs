@@ -10,7 +10,7 @@
 //!   byte on its readiness pipe and is replaced the same way.
 //! - With WSGI_METRICS, workers write `m` and a metrics snapshot on that pipe every second; the
 //!   supervisor serves their sum.
-//! - SIGTERM or SIGINT drains every worker and exits.
+//! - SIGTERM or SIGINT drains every worker and exits; SIGUSR1 is passed on to every worker.
 //!
 //! The supervisor never starts Python.
 
@@ -163,6 +163,7 @@ impl Supervisor {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut dump = signal(SignalKind::user_defined1())?;
         for slot in 0..self.slots.len() {
             self.replace(slot).await;
         }
@@ -174,6 +175,12 @@ impl Supervisor {
                 _ = sleep_until(next_start) => self.start_pending().await,
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
+                _ = dump.recv() => {
+                    tracing::info!("SIGUSR1: passed to every worker, which logs its Python stacks");
+                    for worker in self.slots.iter().flatten() {
+                        kill(worker.pid, libc::SIGUSR1);
+                    }
+                }
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP: replacing the workers one at a time");
                     self.rolling_restart("sighup").await;

@@ -114,6 +114,26 @@ fn sigusr1_dumps_every_threads_python_stack() {
 }
 
 #[test]
+fn processes_sigusr1_reaches_every_worker() {
+    let app = AppDir::new("ops.app", &[]);
+    let gateway = two_workers(&app, &[]);
+    gateway.signal(libc::SIGUSR1);
+    wait_until("both workers' stacks", || {
+        app.log()
+            .matches("SIGUSR1: the Python stack of every thread")
+            .count()
+            == 2
+    });
+    let log = app.log();
+    assert!(log.contains("in _background_sleeper"), "{log}");
+    assert_eq!(children(gateway.child.id()).len(), 2, "nobody died of it");
+    assert_eq!(
+        gateway.connect().get(1, &app.iis_params("GET", "/")).status,
+        200
+    );
+}
+
+#[test]
 fn bind_a_stuck_request_restarts_the_process_in_place() {
     let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
     let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "2"]);
