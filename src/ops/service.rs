@@ -94,13 +94,23 @@ pub(super) fn recycle(ops: &Ops, why: Cause, cause: String) {
     if REPLACING.swap(true, Ordering::AcqRel) {
         return;
     }
-    #[cfg(unix)]
-    if ops.mode.supervised && crate::supervisor::request_replacement(why.code()) {
+    if ops.mode.supervised && ask_supervisor(why) {
         tracing::info!("recycling: {cause}; the supervisor starts a replacement");
         return;
     }
     tracing::info!("recycling: {cause}; finishing the requests in flight, then restarting");
     ops.trigger.fire(Reason::Restart);
+}
+
+/// Asks the supervisor of `--processes` for a replacement; false without one.
+#[cfg(unix)]
+fn ask_supervisor(why: Cause) -> bool {
+    crate::supervisor::request_replacement(why.code())
+}
+
+#[cfg(not(unix))]
+fn ask_supervisor(_: Cause) -> bool {
+    false
 }
 
 /// A request's thread is stuck: the process is replaced, and the watchdog ends it once the

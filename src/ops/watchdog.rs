@@ -45,9 +45,8 @@ pub fn spawn(ops: &'static Ops) {
                 if let Some(access) = &ops.access {
                     access.flush();
                 }
-                #[cfg(unix)]
                 if reports && tick % 10 == 0 {
-                    crate::supervisor::report_metrics(&super::metrics::snapshot());
+                    report_to_supervisor();
                 }
             }
         });
@@ -55,6 +54,15 @@ pub fn spawn(ops: &'static Ops) {
         tracing::error!("cannot start the watchdog thread: {e}");
     }
 }
+
+/// A worker of `--processes` sends its metrics to the supervisor (every second).
+#[cfg(unix)]
+fn report_to_supervisor() {
+    crate::supervisor::report_metrics(&super::metrics::snapshot());
+}
+
+#[cfg(not(unix))]
+fn report_to_supervisor() {}
 
 /// SIGUSR1 logs every thread's Python stack.
 #[cfg(unix)]
