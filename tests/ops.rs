@@ -630,3 +630,25 @@ fn iis_metrics_are_off() {
     );
     app.wait_for_log("WSGI_METRICS is ignored under IIS");
 }
+
+#[test]
+fn processes_max_requests_replaces_workers_without_a_failed_request() {
+    let app = AppDir::new("ops.app", &[]);
+    let gateway = two_workers(&app, &["--max-requests", "5", "--max-requests-jitter", "2"]);
+    let mut pids = std::collections::HashSet::new();
+    // Requests until three replacements have happened (each takes a worker's start-up).
+    wait_until("three workers recycled", || {
+        let response = gateway.connect().get(1, &app.iis_params("GET", "/"));
+        assert_eq!(response.status, 200, "{}", app.log());
+        pids.insert(response.text());
+        app.log()
+            .matches("asks to be recycled (max_requests)")
+            .count()
+            >= 3
+    });
+    let log = app.log();
+    assert!(log.contains("(WSGI_MAX_REQUESTS=5, plus "), "{log}");
+    // Three recycled need a replacement that served too.
+    assert!(pids.len() >= 3, "{pids:?}");
+    assert!(!log.contains("exited:"), "{log}");
+}
