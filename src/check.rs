@@ -88,7 +88,7 @@ pub fn run(
     for (key, value) in &config.app_settings {
         report.ok(format!("setting {key} = {value:?}"));
     }
-    for key in KNOWN_SETTINGS {
+    for key in KNOWN_SETTINGS.iter().chain(crate::ops::SETTINGS) {
         let from_file = config.app_settings.iter().any(|(k, _)| k == key);
         if let (false, Some(value)) = (from_file, config.get(key)) {
             report.ok(format!(
@@ -97,6 +97,13 @@ pub fn run(
         }
     }
     check_settings(&mut report, &config);
+    for finding in crate::ops::report::check(&config) {
+        match finding {
+            crate::ops::report::Finding::Ok(line) => report.ok(line),
+            crate::ops::report::Finding::Warn(line) => report.warn(line),
+            crate::ops::report::Finding::Fail(line) => report.fail(line),
+        }
+    }
     check_log(&mut report, &config);
     check_web_config_handler(&mut report, &config);
     check_python(&mut report, &config, request);

@@ -15,7 +15,7 @@ use crate::protocol::ParamLimits;
 use crate::python::{self, App, Deployment};
 use crate::server::Transport;
 use crate::watcher::{self, WatchSettings};
-use crate::{exchange, logging, shutdown, worker};
+use crate::{exchange, logging, ops, shutdown, worker};
 
 /// Connections served at once in the listening modes (more wait in the backlog), as
 /// GET_VALUES reports it.
@@ -33,12 +33,14 @@ pub struct Options {
     pub multiprocess: bool,
     /// A worker under `--processes`: the supervisor watches files and restarts it.
     pub supervised: bool,
+    /// More settings given as options (`ops::OpsArgs`).
+    pub settings: Vec<(String, String)>,
 }
 
 impl Options {
     /// Command-line options outrank web.config and the environment.
     pub fn overrides(&self) -> HashMap<String, String> {
-        let mut overrides = HashMap::new();
+        let mut overrides: HashMap<String, String> = self.settings.iter().cloned().collect();
         if let Some(venv) = &self.venv {
             // A path typed on the command line is relative to the working directory.
             let venv = std::path::absolute(venv).unwrap_or_else(|_| venv.clone());
@@ -136,7 +138,8 @@ impl Site {
 pub fn serve(transport: Transport, options: Options) -> Result<()> {
     // Before web.config settings go into it (Python's os.environ): an in-place restart starts
     // from this, so it sees web.config as it is then, as a fresh process would.
-    let start_environment: Vec<_> = std::env::vars_os().collect();
+    #[cfg(unix)]
+    crate::server::keep_start_environment();
     let iis_stream = transport.is_stream();
     // Under IIS the app folder is the first request's APPL_PHYSICAL_PATH, so Python starts
     // then; otherwise it starts now, so a broken set-up fails before the first request.
@@ -167,6 +170,8 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let send_timeout = listening.map_or(Ok(None), AppConfig::send_timeout)?;
     let header_timeout = listening.map_or(Ok(None), AppConfig::header_timeout)?;
     let (jobs, job_receiver) = worker::queue(queue_length);
+    let waiting = job_receiver.clone();
+    ops::metrics::set_queue_length(move || waiting.len());
     let (max_conns, max_reqs) = if iis_stream {
         (1, 1)
     } else {
@@ -207,7 +212,10 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let server_trigger = trigger.clone();
     let server = std::thread::Builder::new()
         .name("wfastcgi-io".into())
-        .spawn(move || runtime.block_on(crate::server::run(transport, context, server_trigger)))
+        .spawn(move || {
+            let listener = runtime.block_on(crate::server::run(transport, context, server_trigger));
+            ops::io_finished(listener);
+        })
         .context("cannot start the I/O thread")?;
 
     let mut next = || job_receiver.recv().ok();
@@ -230,7 +238,11 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             &options,
             &trigger,
             threads,
-            !iis_stream,
+            if iis_stream {
+                Serving::Stream
+            } else {
+                Serving::Listening
+            },
         );
         let feed = Feed {
             jobs: &job_receiver,
@@ -241,11 +253,10 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         };
         run_workers(&state, threads, first_job, &feed);
     }
-    let listener = server.join().unwrap_or_else(|_| {
+    if server.join().is_err() {
         tracing::error!("the I/O thread panicked");
-        None
-    });
-    finish(listener, &start_environment)
+    }
+    finish()
 }
 
 /// Under IIS (fd 0 a connected stream): requests are read and answered by the application's
@@ -268,12 +279,19 @@ fn serve_direct(
             .unwrap_or_default(),
     };
     if let Some(site) = site {
-        let (state, first_job) =
-            start_site(site, first_job, &mut next, options, &trigger, 1, false);
+        let (state, first_job) = start_site(
+            site,
+            first_job,
+            &mut next,
+            options,
+            &trigger,
+            1,
+            Serving::Direct,
+        );
         work(&state, first_job, &mut next);
     }
     trigger.fire(shutdown::Reason::EndOfStream);
-    finish(None, &[])
+    finish()
 }
 
 /// Watches the site, sets the grace period, reports a log problem to the first request, and
@@ -285,12 +303,20 @@ fn start_site(
     options: &Options,
     trigger: &shutdown::Trigger,
     threads: usize,
-    in_place_restart: bool,
+    serving: Serving,
 ) -> (AppState, Option<Job>) {
     if !options.supervised {
-        watcher::spawn(site.watch_settings(in_place_restart), trigger.clone());
+        watcher::spawn(
+            site.watch_settings(serving == Serving::Listening),
+            trigger.clone(),
+        );
     }
     if let Ok(config) = &site.config {
+        let mode = ops::Mode {
+            supervised: options.supervised,
+            direct: serving == Serving::Direct,
+        };
+        ops::start(config, trigger.clone(), mode);
         shutdown::set_grace(config.restart_grace().unwrap_or_else(|e| {
             tracing::error!("{e:#}; using 30 s");
             DEFAULT_GRACE
@@ -311,23 +337,22 @@ fn start_site(
     (state, first_job)
 }
 
-/// Finalises Python, then exits, or (a restart in a listening mode) re-executes in place with
-/// the environment the process started with.
-fn finish(
-    listener: Option<socket2::Socket>,
-    start_environment: &[(std::ffi::OsString, std::ffi::OsString)],
-) -> Result<()> {
+/// Finalises Python, then exits, or (a restart in a listening mode) re-executes in place.
+/// When a request's thread is stuck, the watchdog ends the process instead.
+fn finish() -> Result<()> {
+    let Some(listener) = ops::listener_for_finish() else {
+        loop {
+            std::thread::park();
+        }
+    };
     shutdown::serving_done();
     python::interpreter::finalize(shutdown::grace());
-    // Windows does not restart in place.
-    #[cfg(not(unix))]
-    let _ = start_environment;
     match listener {
         #[cfg(unix)]
         Some(listener) => {
             tracing::info!("restarting: the listening socket stays open across the restart");
             logging::flush();
-            let error = crate::server::reexec(listener, start_environment);
+            let error = crate::server::reexec(listener);
             Err(anyhow::anyhow!("cannot restart: {error}"))
         }
         _ => {
@@ -424,6 +449,17 @@ fn load(config: Result<AppConfig, String>, deployment: Deployment) -> AppState {
         Ok(app) => AppState::Ready(app),
         Err(message) => unavailable(message, detail),
     }
+}
+
+/// How requests reach the workers, which decides how the process is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    /// The IIS stream read by the application's thread (`serve_direct`): exits to be replaced.
+    Direct,
+    /// The IIS stream through the I/O thread (the Windows named pipe): exits to be replaced.
+    Stream,
+    /// A listening socket: restarts in place, keeping it.
+    Listening,
 }
 
 /// Where the workers of the listening modes get their requests.

@@ -38,6 +38,7 @@ pub mod exchange;
 pub mod gateway;
 pub mod iis;
 pub mod logging;
+pub mod ops;
 pub mod properties;
 pub mod protocol;
 pub mod python;

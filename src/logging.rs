@@ -28,6 +28,8 @@ struct State {
     guard: Option<WorkerGuard>,
     /// The log file, written to directly after [`flush`].
     file: Option<(PathBuf, LogRotation)>,
+    /// Other background writers (the access log), flushed the same way.
+    others: Vec<WorkerGuard>,
 }
 
 static STATE: OnceLock<Mutex<State>> = OnceLock::new();
@@ -55,6 +57,7 @@ pub fn init(to_stderr: bool, level: tracing::Level) {
             sink,
             guard: None,
             file: None,
+            others: Vec::new(),
         }));
     }
 }
@@ -73,7 +76,9 @@ where
 /// Sends all further diagnostics to `path` through a background writer thread, so a slow disk
 /// never holds a request (or the GIL).
 pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> Result<()> {
-    let (writer, guard) = tracing_appender::non_blocking(appender(path, rotation)?);
+    let appender = appender(path, rotation)
+        .with_context(|| format!("WSGI_LOG {} cannot be opened", path.display()))?;
+    let (writer, guard) = tracing_appender::non_blocking(appender);
     let state = STATE.get().context("logging is not initialised")?;
     let mut state = state
         .lock()
@@ -91,6 +96,37 @@ pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> R
     Ok(())
 }
 
+/// A file appender for `path`, rotated as `rotation` says.
+pub fn appender(path: &Path, rotation: LogRotation) -> Result<RollingFileAppender> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let rotation = match rotation {
+        LogRotation::Never => Rotation::NEVER,
+        LogRotation::Hourly => Rotation::HOURLY,
+        LogRotation::Daily => Rotation::DAILY,
+    };
+    Ok(RollingFileAppender::builder()
+        .rotation(rotation)
+        .filename_prefix(file_name.to_string_lossy())
+        .build(dir)?)
+}
+
+/// Keeps another background writer's guard, to be flushed by [`flush`].
+pub fn flush_at_exit(guard: WorkerGuard) {
+    if let Some(state) = STATE.get() {
+        state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .others
+            .push(guard);
+    }
+}
+
 /// A reason the process cannot start at all, before any log file is known: standard error (a
 /// person at a console) and, on Windows, the Application event log (IIS gives no console).
 pub fn report_startup_failure(message: &str) {
@@ -99,35 +135,26 @@ pub fn report_startup_failure(message: &str) {
     crate::windows::report_error(message);
 }
 
-fn appender(path: &Path, rotation: LogRotation) -> Result<RollingFileAppender> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .with_context(|| format!("WSGI_LOG {} names no file", path.display()))?;
-    let rotation = match rotation {
-        LogRotation::Never => Rotation::NEVER,
-        LogRotation::Hourly => Rotation::HOURLY,
-        LogRotation::Daily => Rotation::DAILY,
-    };
-    RollingFileAppender::builder()
-        .rotation(rotation)
-        .filename_prefix(file_name.to_string_lossy())
-        .build(dir)
-        .with_context(|| format!("WSGI_LOG {} cannot be opened", path.display()))
+/// Runs `hook` first each time [`flush`] runs (the access log's batch).
+pub fn before_flush(hook: fn()) {
+    let _ = BEFORE_FLUSH.set(hook);
 }
+
+static BEFORE_FLUSH: OnceLock<fn()> = OnceLock::new();
 
 /// Writes out what the background writer still holds; call before the process exits or
 /// re-executes. Lines logged after it (why an exec failed, say) are written to the file
 /// directly.
 pub fn flush() {
+    if let Some(hook) = BEFORE_FLUSH.get() {
+        hook();
+    }
     if let Some(state) = STATE.get() {
         let mut state = state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         state.guard.take();
+        state.others.clear();
         let direct = state
             .file
             .as_ref()

@@ -75,8 +75,9 @@ enum Command {
         /// Run N worker processes under a supervisor that holds the socket.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         processes: Option<u16>,
+        // Boxed: the operations' options make it much larger than the other commands.
         #[command(flatten)]
-        app: AppArgs,
+        app: Box<AppArgs>,
     },
 }
 
@@ -98,6 +99,7 @@ impl AppArgs {
         if let Some(threads) = self.threads {
             args.extend(["--threads".into(), threads.to_string().into()]);
         }
+        args.extend(self.ops.args());
         args
     }
 }
@@ -132,6 +134,8 @@ struct AppArgs {
     /// Python worker threads (as WSGI_THREADS); default 1 under IIS, 4 with --bind.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    #[command(flatten)]
+    ops: wfastcgi::ops::OpsArgs,
 }
 
 #[cfg(unix)]
@@ -203,7 +207,7 @@ fn main() -> ExitCode {
             socket_mode,
             processes,
             app,
-        }) => (bind, socket_mode, processes, app),
+        }) => (bind, socket_mode, processes, *app),
         None => (None, None, None, cli.app),
         Some(tool_command) => return tool(tool_command),
     };
@@ -256,6 +260,7 @@ fn main() -> ExitCode {
         threads: app.threads.map(usize::from),
         multiprocess: bind.is_none() || supervised || processes.is_some_and(|n| n > 1),
         supervised,
+        settings: app.ops.overrides(),
     };
     let served = match processes {
         #[cfg(unix)]

@@ -619,17 +619,25 @@ pub fn can_reexec() -> Result<(), String> {
     }
 }
 
-/// Replaces this process with a fresh copy of the binary, same arguments, passing `listener` as
-/// fd 3 by the socket activation protocol. The new process gets `environment` (the one this
-/// process started with), not the current one, which holds web.config's settings as they were:
-/// a setting since removed would live on, and a large one can exceed the kernel's limit for
-/// exec (E2BIG). The binary at this binary's path runs, or if it cannot, the running one.
-/// Returns only if both execs failed.
+/// The environment the process started with, before web.config's settings went into it.
 #[cfg(unix)]
-pub fn reexec(
-    listener: Socket,
-    environment: &[(std::ffi::OsString, std::ffi::OsString)],
-) -> io::Error {
+static START_ENVIRONMENT: std::sync::OnceLock<Vec<(std::ffi::OsString, std::ffi::OsString)>> =
+    std::sync::OnceLock::new();
+
+/// Keeps the environment as it is now for [`reexec`]; call before web.config is applied.
+#[cfg(unix)]
+pub fn keep_start_environment() {
+    START_ENVIRONMENT.get_or_init(|| std::env::vars_os().collect());
+}
+
+/// Replaces this process with a fresh copy of the binary, same arguments, passing `listener` as
+/// fd 3 by the socket activation protocol. The new process gets the environment this process
+/// started with ([`keep_start_environment`]), not the current one, which holds web.config's
+/// settings as they were: a setting since removed would live on, and a large one can exceed the
+/// kernel's limit for exec (E2BIG). The binary at this binary's path runs, or if it cannot, the
+/// running one. Returns only if both execs failed.
+#[cfg(unix)]
+pub fn reexec(listener: Socket) -> io::Error {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     const FIRST_FD: i32 = 3;
@@ -645,6 +653,8 @@ pub fn reexec(
             return io::Error::last_os_error();
         }
     }
+    // Kept at start-up; else (never in practice) the environment as it is.
+    let environment = START_ENVIRONMENT.get_or_init(|| std::env::vars_os().collect());
     let exec = |exe: &std::path::Path| {
         std::process::Command::new(exe)
             .args(std::env::args_os().skip(1))

@@ -5,13 +5,19 @@
 //!   application is loaded (its readiness).
 //! - A worker that dies is replaced, with a back-off that grows while workers keep dying young.
 //! - A watched file change or SIGHUP replaces the workers one at a time, each new one ready
-//!   before the old one is told to drain, so capacity never drops to zero.
-//! - SIGTERM or SIGINT drains every worker and exits.
+//!   before the old one is told to drain, so capacity never drops to zero. A worker that wants
+//!   to be recycled (WSGI_MAX_REQUESTS, WSGI_MAX_RSS, a stuck request) writes `r` and a cause
+//!   byte on its readiness pipe and is replaced the same way.
+//! - With WSGI_METRICS, workers write `m` and a metrics snapshot on that pipe every second; the
+//!   supervisor serves their sum.
+//! - SIGTERM or SIGINT drains every worker and exits; SIGUSR1 is passed on to every worker.
 //!
 //! The supervisor never starts Python.
 
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -21,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::config::AppConfig;
+use crate::ops::metrics;
 use crate::shutdown::{self, Reason};
 use crate::watcher::{self, WatchSettings};
 
@@ -57,6 +64,42 @@ pub struct Supervisor {
     /// Consecutive early deaths, for the back-off.
     failures: u32,
     exits: mpsc::UnboundedSender<Exit>,
+    /// Workers (by pid) that asked to be replaced, and why.
+    recycles: mpsc::UnboundedSender<(u32, u8)>,
+    /// What the metrics endpoint adds up.
+    totals: Arc<Mutex<Totals>>,
+}
+
+/// The workers' metrics, and the supervisor's own counts.
+#[derive(Default)]
+struct Totals {
+    /// The last snapshot of each running worker.
+    live: HashMap<u32, metrics::Snapshot>,
+    /// The counters of workers that have exited.
+    retired: metrics::Snapshot,
+    restarts: BTreeMap<&'static str, u64>,
+    respawns: u64,
+}
+
+impl Totals {
+    fn render(&self) -> String {
+        let mut sum = self.retired;
+        for snapshot in self.live.values() {
+            sum.add(snapshot);
+        }
+        let counts = metrics::SupervisorCounts {
+            restarts: ["file_change", "sighup", "max_requests", "max_rss", "stuck"]
+                .into_iter()
+                .map(|cause| (cause, self.restarts.get(cause).copied().unwrap_or(0)))
+                .collect(),
+            respawns: self.respawns,
+        };
+        metrics::render(&sum, Some(&counts))
+    }
+
+    fn restarted(&mut self, cause: &'static str) {
+        *self.restarts.entry(cause).or_default() += 1;
+    }
 }
 
 pub fn run(
@@ -70,6 +113,7 @@ pub fn run(
         .build()
         .context("cannot start the supervisor's runtime")?;
     let (exits, exit_events) = mpsc::unbounded_channel();
+    let (recycles, recycle_requests) = mpsc::unbounded_channel::<(u32, u8)>();
     let mut supervisor = Supervisor {
         listener,
         worker_args,
@@ -77,10 +121,18 @@ pub fn run(
         pending: Vec::new(),
         failures: 0,
         exits,
+        recycles,
+        totals: Arc::default(),
     };
+    // An invalid setting is the workers' to report (they log it and turn it off).
+    let settings = crate::ops::Settings::from_config(config).ok();
+    if let Some(address) = settings.and_then(|settings| settings.metrics) {
+        let totals = supervisor.totals.clone();
+        metrics::serve(&address, move || lock(&totals).render())?;
+    }
     let grace = config.restart_grace()?;
     let watch = watch_settings(config);
-    runtime.block_on(supervisor.supervise(exit_events, watch, grace))
+    runtime.block_on(supervisor.supervise(exit_events, recycle_requests, watch, grace))
 }
 
 fn watch_settings(config: &AppConfig) -> WatchSettings {
@@ -106,12 +158,14 @@ impl Supervisor {
     async fn supervise(
         &mut self,
         mut exit_events: mpsc::UnboundedReceiver<Exit>,
+        mut recycle_requests: mpsc::UnboundedReceiver<(u32, u8)>,
         watch: WatchSettings,
         grace: Duration,
     ) -> Result<()> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut dump = signal(SignalKind::user_defined1())?;
         for slot in 0..self.slots.len() {
             self.replace(slot).await;
         }
@@ -123,17 +177,24 @@ impl Supervisor {
                 _ = sleep_until(next_start) => self.start_pending().await,
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
+                _ = dump.recv() => {
+                    tracing::info!("SIGUSR1: passed to every worker, which logs its Python stacks");
+                    for worker in self.slots.iter().flatten() {
+                        kill(worker.pid, libc::SIGUSR1);
+                    }
+                }
                 _ = hangup.recv() => {
                     tracing::info!("SIGHUP: replacing the workers one at a time");
-                    self.rolling_restart().await;
+                    self.rolling_restart("sighup").await;
                 }
                 reason = restart.started() => {
                     if reason == Some(Reason::Restart) {
-                        self.rolling_restart().await;
+                        self.rolling_restart("file_change").await;
                         restart = start_watcher(&watch);
                     }
                 }
                 Some(exit) = exit_events.recv() => self.on_exit(exit),
+                Some((pid, cause)) = recycle_requests.recv() => self.recycle(pid, cause).await,
             }
         }
         tracing::info!("stopping: draining every worker");
@@ -232,10 +293,31 @@ impl Supervisor {
         });
         let mut byte = [0u8; 1];
         match tokio::time::timeout(READY_LIMIT, ready_reader.read(&mut byte)).await {
-            Ok(Ok(1)) => Ok(Worker {
-                pid,
-                started: Instant::now(),
-            }),
+            Ok(Ok(1)) => {
+                let recycles = self.recycles.clone();
+                let totals = self.totals.clone();
+                tokio::spawn(async move {
+                    // Until the worker exits (end of file) or says something else.
+                    let mut payload = [0u8; metrics::SNAPSHOT_BYTES];
+                    let mut cause = [0u8; 1];
+                    while let Ok(1) = ready_reader.read(&mut byte).await {
+                        match byte[0] {
+                            b'r' if ready_reader.read_exact(&mut cause).await.is_ok() => {
+                                let _ = recycles.send((pid, cause[0]));
+                            }
+                            b'm' if ready_reader.read_exact(&mut payload).await.is_ok() => {
+                                let snapshot = metrics::Snapshot::from_bytes(&payload);
+                                lock(&totals).live.insert(pid, snapshot);
+                            }
+                            _ => break,
+                        }
+                    }
+                });
+                Ok(Worker {
+                    pid,
+                    started: Instant::now(),
+                })
+            }
             Ok(_) => anyhow::bail!("worker pid {pid} exited before it was ready"),
             Err(_) => {
                 kill(pid, libc::SIGKILL);
@@ -245,6 +327,12 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, exit: Exit) {
+        {
+            let mut totals = lock(&self.totals);
+            if let Some(last) = totals.live.remove(&exit.pid) {
+                totals.retired.add(&last.retired());
+            }
+        }
         let Some(slot) = self
             .slots
             .iter()
@@ -256,6 +344,7 @@ impl Supervisor {
         if lived.is_some_and(|lived| lived >= HEALTHY_UPTIME) {
             self.failures = 0;
         }
+        lock(&self.totals).respawns += 1;
         let backoff = self.next_backoff();
         tracing::warn!(
             "worker {} (pid {}) exited: {}; starting a new one in {backoff:?}",
@@ -266,20 +355,44 @@ impl Supervisor {
         self.pending.push((slot, Instant::now() + backoff));
     }
 
-    async fn rolling_restart(&mut self) {
+    async fn rolling_restart(&mut self, cause: &'static str) {
         for slot in 0..self.slots.len() {
-            let old = self.slots[slot].take();
-            if !self.replace(slot).await {
-                // Keep the old worker serving rather than leave the slot empty.
-                self.pending.retain(|(pending, _)| *pending != slot);
-                self.slots[slot] = old;
-                continue;
-            }
-            if let Some(old) = old {
-                kill(old.pid, libc::SIGTERM);
-            }
+            lock(&self.totals).restarted(cause);
+            self.replace_running(slot).await;
         }
         tracing::info!("every worker replaced");
+    }
+
+    /// Starts a new worker for `slot`, then tells the old one to drain.
+    async fn replace_running(&mut self, slot: usize) {
+        let old = self.slots[slot].take();
+        if !self.replace(slot).await {
+            // Keep the old worker serving rather than leave the slot empty.
+            self.pending.retain(|(pending, _)| *pending != slot);
+            self.slots[slot] = old;
+            return;
+        }
+        if let Some(old) = old {
+            kill(old.pid, libc::SIGTERM);
+        }
+    }
+
+    /// A worker asked to be recycled.
+    async fn recycle(&mut self, pid: u32, cause: u8) {
+        let Some(slot) = self
+            .slots
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
+        else {
+            return;
+        };
+        let cause = crate::ops::Cause::label(cause);
+        tracing::info!(
+            "worker {} (pid {pid}) asks to be recycled ({cause}): replacing it",
+            slot + 1
+        );
+        lock(&self.totals).restarted(cause);
+        self.replace_running(slot).await;
     }
 
     async fn stop_all(&mut self, exit_events: &mut mpsc::UnboundedReceiver<Exit>, grace: Duration) {
@@ -349,6 +462,9 @@ fn ready_pipe() -> Result<(OwnedFd, tokio::net::unix::pipe::Receiver)> {
     Ok((writer, receiver))
 }
 
+/// In a worker: the pipe to the supervisor, kept open after readiness to ask for recycling.
+static READY_PIPE: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
 /// In a worker: tells the supervisor the application is loaded.
 pub fn report_ready() {
     use std::io::Write;
@@ -362,9 +478,52 @@ pub fn report_ready() {
     std::env::remove_var(READY_FD_VAR);
     // SAFETY: the supervisor passed this descriptor for this purpose; nothing else owns it.
     let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
-    if let Err(e) = pipe.write_all(b"1") {
-        tracing::warn!("cannot report readiness to the supervisor: {e}");
+    // Kept open from now on: no child process of the application may inherit it.
+    // SAFETY: fcntl on the descriptor just taken over.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    match pipe.write_all(b"1") {
+        Ok(()) => *lock_pipe() = Some(pipe),
+        Err(e) => tracing::warn!("cannot report readiness to the supervisor: {e}"),
     }
+}
+
+/// In a worker: asks the supervisor to start a replacement and then stop this worker (`cause`
+/// names why, for the metrics). False when there is no supervisor to ask.
+pub fn request_replacement(cause: u8) -> bool {
+    use std::io::Write;
+    match lock_pipe()
+        .as_mut()
+        .map(|pipe| pipe.write_all(&[b'r', cause]))
+    {
+        Some(Ok(())) => true,
+        Some(Err(e)) => {
+            tracing::warn!("cannot ask the supervisor for a replacement: {e}");
+            false
+        }
+        None => false,
+    }
+}
+
+/// In a worker: sends its metrics to the supervisor, which adds up its workers'.
+pub fn report_metrics(snapshot: &metrics::Snapshot) {
+    use std::io::Write;
+    let mut message = vec![b'm'];
+    message.extend_from_slice(&snapshot.to_bytes());
+    if let Some(pipe) = lock_pipe().as_mut() {
+        let _ = pipe.write_all(&message);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn lock_pipe() -> std::sync::MutexGuard<'static, Option<std::fs::File>> {
+    READY_PIPE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

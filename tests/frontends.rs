@@ -885,3 +885,73 @@ fn demo_in_a_real_browser() {
         "one Ctrl-C signalled twice: {log}"
     );
 }
+
+/// An application that leaks 1 MiB per request, behind nginx, with two worker processes under
+/// WSGI_MAX_RSS: each worker is replaced when it grows past the limit, one at a time, and not
+/// one of 2,000 requests fails.
+#[test]
+fn nginx_leaking_app_is_recycled_by_max_rss_without_a_failed_request() {
+    if !installed(
+        "nginx",
+        "nginx_leaking_app_is_recycled_by_max_rss_without_a_failed_request",
+    ) {
+        return;
+    }
+    let app = AppDir::new(
+        "ops.leak",
+        &[("WSGI_MAX_RSS", "100"), ("WSGI_LOG_LEVEL", "info")],
+    );
+    let gateway = Gateway::bind(
+        Address::Tcp(any_port()),
+        app.path(),
+        &["--processes", "2", "--threads", "2"],
+    );
+    let Some(Address::Tcp(upstream)) = gateway.address.clone() else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let port = free_tcp_address().port();
+    let _nginx = nginx(dir.path(), port, &upstream.to_string(), false);
+    let url = format!("http://127.0.0.1:{port}/");
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let http = agent();
+                let mut failures = Vec::new();
+                let mut pids = std::collections::HashSet::new();
+                for _ in 0..500 {
+                    let answer = get(&http, &url);
+                    if answer.status == 200 {
+                        pids.insert(answer.text());
+                    } else {
+                        failures.push(format!("{} {}", answer.status, answer.text()));
+                    }
+                }
+                (failures, pids)
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let mut pids = std::collections::HashSet::new();
+    for client in clients {
+        let (failed, seen) = client.join().expect("client thread");
+        failures.extend(failed);
+        pids.extend(seen);
+    }
+    let log = app.log();
+    assert!(failures.is_empty(), "{failures:?}\n{log}");
+    let recycled = log.matches("asks to be recycled").count();
+    // 2,000 MiB leaked over workers of 100 MiB at most: many replacements.
+    assert!(recycled >= 10, "{recycled} recycled\n{log}");
+    assert!(pids.len() > 10, "{} worker processes answered", pids.len());
+    assert!(log.contains("is above WSGI_MAX_RSS=100 MiB"), "{log}");
+    assert!(
+        !log.contains("exited:"),
+        "no worker counted as crashed\n{log}"
+    );
+    println!(
+        "2,000 requests, 0 failed, {recycled} workers recycled, {} worker processes answered",
+        pids.len()
+    );
+}

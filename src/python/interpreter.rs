@@ -41,7 +41,7 @@ pub fn venv_python(venv: &Path) -> Result<PathBuf> {
 }
 
 /// Whether CPython is running. On Windows nothing may call into Python before its DLL is loaded.
-fn running() -> bool {
+pub fn running() -> bool {
     #[cfg(windows)]
     if super::library::loaded().is_none() {
         return false;

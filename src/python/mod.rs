@@ -147,6 +147,16 @@ pub fn serve_jobs(app: &App, first: Option<Job>, next: &mut (dyn FnMut() -> Opti
         if let Some(job) = first {
             handle(py, app, job);
         }
+        if crate::ops::metrics::enabled() {
+            // The time from a request's arrival to this thread holding the GIL again.
+            while let Some((job, arrived)) =
+                py.detach(|| next().map(|job| (job, std::time::Instant::now())))
+            {
+                crate::ops::metrics::gil_waited(arrived.elapsed());
+                handle(py, app, job);
+            }
+            return;
+        }
         while let Some(job) = py.detach(&mut *next) {
             handle(py, app, job);
         }
@@ -159,6 +169,14 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
         body,
         response,
     } = job;
+    if let Some(status) = crate::ops::health(&params) {
+        let (status, body) = match status {
+            200 => ("200 OK", "OK\n"),
+            _ => ("503 Service Unavailable", "draining\n"),
+        };
+        return py.detach(|| crate::exchange::respond(&response, status, body));
+    }
+    let in_flight = crate::ops::begin(|| thread_ident(py), || describe(&params), response);
     let content_length = match content_length(&params) {
         Ok(length) => length,
         Err(()) => {
@@ -166,7 +184,7 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
                 "{}: non-numeric CONTENT_LENGTH refused with 400",
                 describe(&params)
             );
-            return refuse(py, response, "400 Bad Request");
+            return refuse(py, in_flight, &params, 400, "Bad Request");
         }
     };
     if let (Some(length), Some(max)) = (content_length, app.max_body) {
@@ -175,14 +193,14 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
                 "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
                 describe(&params)
             );
-            return refuse(py, response, "413 Content Too Large");
+            return refuse(py, in_flight, &params, 413, "Content Too Large");
         }
     }
-    let responder = match Bound::new(py, StartResponse::new(response)) {
+    let responder = match Bound::new(py, StartResponse::new(in_flight.sink())) {
         Ok(responder) => responder,
         Err(e) => {
             tracing::error!("cannot create start_response: {}", format_exception(py, &e));
-            return;
+            return in_flight.end(&params, 500, 0);
         }
     };
     let input = match app.input_spool {
@@ -202,6 +220,26 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
             .borrow_mut()
             .fail(py, failure, app.error_detail, &what);
     }
+    let (status, bytes) = responder.borrow().outcome();
+    in_flight.end(&params, status, bytes);
+}
+
+/// This thread's `threading.get_ident()`, the key of its stack in `sys._current_frames()`.
+fn thread_ident(py: Python<'_>) -> u64 {
+    thread_local! {
+        static IDENT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    }
+    IDENT.with(|cell| {
+        cell.get().unwrap_or_else(|| {
+            let ident = py
+                .import("threading")
+                .and_then(|threading| threading.call_method0("get_ident"))
+                .and_then(|id| id.extract())
+                .unwrap_or(0);
+            cell.set(Some(ident));
+            ident
+        })
+    })
 }
 
 /// CONTENT_LENGTH as a number; absent, empty or negative is `None`; anything else is an error.
@@ -241,9 +279,24 @@ fn repeated_header_separator(name: &[u8]) -> Option<&'static str> {
 }
 
 /// Answers a request the application never sees.
-fn refuse(py: Python<'_>, response: crate::exchange::ResponseSink, status: &str) {
-    let reason = status.split_once(' ').map_or(status, |(_, reason)| reason);
-    py.detach(|| crate::exchange::respond(&response, status, &format!("{reason}\n")));
+fn refuse(
+    py: Python<'_>,
+    in_flight: crate::ops::InFlight,
+    params: &Params,
+    status: u16,
+    reason: &str,
+) {
+    let sink = in_flight.sink();
+    let body = format!("{reason}\n");
+    let mut encoder = ResponseEncoder::new(sink.request_id());
+    crate::exchange::simple_response(
+        &mut encoder,
+        &format!("{status} {reason}"),
+        &[],
+        body.as_bytes(),
+    );
+    let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
+    in_flight.end(params, status, body.len() as u64);
 }
 
 /// `GET /path` for log lines, with control characters escaped so a request cannot forge lines.

@@ -11,7 +11,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
 use crate::config::ErrorDetail;
-use crate::exchange::{self, Output, ResponseEncoder, ResponseGone, ResponseSink, TrySendError};
+use std::sync::Arc;
+
+use crate::exchange::{self, Output, ResponseEncoder, ResponseGone, TrySendError};
+use crate::ops::GuardedSink;
 
 use super::format_exception;
 use super::streams::FileWrapper;
@@ -29,9 +32,12 @@ pub struct StartResponse {
     content_length: Option<u64>,
     /// Body bytes encoded so far.
     body_len: u64,
+    /// The status code, for the access log: the application's, or the one sent in its place.
+    status: u16,
     headers_sent: bool,
     encoder: ResponseEncoder,
-    sink: ResponseSink,
+    /// Shared with the watchdog, which may answer a stuck request in the application's place.
+    sink: Arc<GuardedSink>,
 }
 
 /// Why a request did not end normally.
@@ -59,11 +65,12 @@ impl From<ResponseGone> for Failure {
 }
 
 impl StartResponse {
-    pub fn new(sink: ResponseSink) -> Self {
+    pub fn new(sink: Arc<GuardedSink>) -> Self {
         StartResponse {
             head: None,
             content_length: None,
             body_len: 0,
+            status: 0,
             headers_sent: false,
             encoder: ResponseEncoder::new(sink.request_id()),
             sink,
@@ -72,6 +79,11 @@ impl StartResponse {
 
     pub fn is_aborted(&self) -> bool {
         self.sink.is_aborted()
+    }
+
+    /// The status code and the body bytes sent.
+    pub fn outcome(&self) -> (u16, u64) {
+        (self.status, self.body_len)
     }
 
     /// Adds a body chunk (after the headers, for the first) and sends the batch when `flush`.
@@ -175,8 +187,14 @@ impl StartResponse {
                 let _ = self.send(py, Output::End(records));
                 return;
             }
-            Failure::Exception(e) => format_exception(py, &e),
-            Failure::Contract(message) => message,
+            Failure::Exception(e) => {
+                crate::ops::metrics::app_exception();
+                format_exception(py, &e)
+            }
+            Failure::Contract(message) => {
+                crate::ops::metrics::app_exception();
+                message
+            }
             Failure::File(e) => format!("reading the file given to wsgi.file_wrapper failed: {e}"),
         };
         if self.headers_sent {
@@ -192,21 +210,19 @@ impl StartResponse {
         tracing::error!(request_id, "{what} failed:\n{message}");
         self.encoder.discard();
         error_response(&mut self.encoder, &message, detail);
+        (self.status, self.body_len) = (500, ERROR_BODY.len() as u64);
         self.headers_sent = true;
         let records = self.encoder.finish(0);
         let _ = self.send(py, Output::End(records));
     }
 }
 
+const ERROR_BODY: &[u8] = b"Internal Server Error\n";
+
 /// A 500 whose detail (by default, as wfastcgi.py does) goes on FCGI_STDERR: IIS shows it in its
 /// error page (stderrMode ReturnStdErrIn500); nginx writes it to its error log.
 pub fn error_response(encoder: &mut ResponseEncoder, message: &str, detail: ErrorDetail) {
-    exchange::simple_response(
-        encoder,
-        "500 Internal Server Error",
-        &[],
-        b"Internal Server Error\n",
-    );
+    exchange::simple_response(encoder, "500 Internal Server Error", &[], ERROR_BODY);
     if detail == ErrorDetail::Full {
         encoder.stderr(format!("Error occurred while handling the request:\n{message}").as_bytes());
     }
@@ -303,9 +319,10 @@ impl StartResponse {
                 _ => {}
             }
         }
-        let (head, content_length) = encode_head(status, headers)?;
+        let (head, content_length, code) = encode_head(status, headers)?;
         let mut this = slf.borrow_mut();
         this.head = Some(head);
+        this.status = code;
         this.content_length = content_length;
         drop(this);
         slf.getattr(pyo3::intern!(slf.py(), "write"))
@@ -327,11 +344,11 @@ impl StartResponse {
 }
 
 /// `Status: 200 OK\r\nName: value\r\n...\r\n` from start_response's arguments, validated,
-/// and the Content-Length among them.
+/// the Content-Length among them, and the status code.
 fn encode_head(
     status: &Bound<'_, PyAny>,
     headers: &Bound<'_, PyAny>,
-) -> PyResult<(Vec<u8>, Option<u64>)> {
+) -> PyResult<(Vec<u8>, Option<u64>, u16)> {
     let mut content_length = None;
     let status: String = status
         .extract()
@@ -384,7 +401,8 @@ fn encode_head(
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
-    Ok((head, content_length))
+    let code = status[..3].parse().unwrap_or(0);
+    Ok((head, content_length, code))
 }
 
 /// Appends a string already checked to hold only ISO-8859-1 characters, one byte each.

@@ -1,0 +1,256 @@
+//! The watchdog thread: it looks at the requests in flight every tick, logs the Python stack of
+//! a slow one, answers a stuck one and takes the process out of service, checks the resident
+//! memory, and sends the access log's lines to their writer. Another thread dumps every
+//! thread's stack on SIGUSR1.
+//!
+//! A thread stuck in Python cannot be stopped safely, so a stuck request is answered here (504,
+//! or the response ended) and the process replaced. Stacks are read by briefly attaching to the
+//! interpreter from a helper thread: a pure-Python loop gives the GIL up every switch interval,
+//! but code stuck in C while holding it never does, so the helper is waited for only so long.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use super::sink::TakeOver;
+use super::{lock, service, Ops, Tracked};
+
+/// How often the requests in flight and the memory are looked at.
+const TICK: Duration = Duration::from_millis(100);
+/// How long a stack dump waits for the GIL.
+const GIL_WAIT: Duration = Duration::from_secs(2);
+
+pub fn spawn(ops: &'static Ops) {
+    #[cfg(unix)]
+    spawn_stack_dumps();
+    let reports = ops.mode.supervised && super::metrics::enabled();
+    if !ops.settings.watches_requests()
+        && ops.settings.max_rss.is_none()
+        && ops.access.is_none()
+        && !reports
+    {
+        return;
+    }
+    // A plain thread, not a runtime's: answering a request blocks on the connection's channel.
+    let spawned = std::thread::Builder::new()
+        .name("wfastcgi-watchdog".into())
+        .spawn(move || {
+            for tick in 1u64.. {
+                std::thread::sleep(TICK);
+                inspect_requests(ops);
+                check_memory(ops);
+                if let Some(access) = &ops.access {
+                    access.flush();
+                }
+                if reports && tick % 10 == 0 {
+                    report_to_supervisor();
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the watchdog thread: {e}");
+    }
+}
+
+/// A worker of `--processes` sends its metrics to the supervisor (every second).
+#[cfg(unix)]
+fn report_to_supervisor() {
+    crate::supervisor::report_metrics(&super::metrics::snapshot());
+}
+
+#[cfg(not(unix))]
+fn report_to_supervisor() {}
+
+/// SIGUSR1 logs every thread's Python stack.
+#[cfg(unix)]
+fn spawn_stack_dumps() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let spawned = runtime.map_err(|e| e.to_string()).and_then(|runtime| {
+        std::thread::Builder::new()
+            .name("wfastcgi-sigusr1".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let mut dumps = match signal(SignalKind::user_defined1()) {
+                        Ok(dumps) => dumps,
+                        Err(e) => return tracing::error!("cannot watch SIGUSR1: {e}"),
+                    };
+                    while dumps.recv().await.is_some() {
+                        match python_stacks(None) {
+                            Ok(stacks) => tracing::warn!(
+                                "SIGUSR1: the Python stack of every thread:\n{stacks}"
+                            ),
+                            Err(e) => tracing::warn!("SIGUSR1: {e}"),
+                        }
+                    }
+                })
+            })
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the SIGUSR1 thread: {e}");
+    }
+}
+
+fn inspect_requests(ops: &'static Ops) {
+    if crate::shutdown::is_serving_done() {
+        return;
+    }
+    let running: Vec<Arc<Tracked>> = lock(&ops.running).clone();
+    for tracked in running {
+        if tracked.abandoned.load(Ordering::Relaxed) {
+            continue;
+        }
+        let elapsed = tracked.started.elapsed();
+        if let Some(timeout) = ops.settings.request_timeout {
+            if elapsed >= timeout {
+                give_up(ops, &tracked, timeout);
+                continue;
+            }
+        }
+        if let Some(slow) = ops.settings.slow_request_log {
+            if elapsed >= slow && !tracked.slow_logged.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "{} is slow: running for {:.1} s (WSGI_SLOW_REQUEST_LOG={}); {}",
+                    tracked.line,
+                    elapsed.as_secs_f64(),
+                    slow.as_secs_f64(),
+                    stack_of(tracked.thread)
+                );
+            }
+        }
+    }
+}
+
+/// A request past WSGI_REQUEST_TIMEOUT: its stack is logged, the client answered, and the process
+/// taken out of service.
+fn give_up(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
+    tracked.abandoned.store(true, Ordering::Relaxed);
+    let stack = stack_of(tracked.thread);
+    let answer = match tracked.sink.take_over() {
+        TakeOver::Answered => "the client is answered 504 Gateway Timeout",
+        TakeOver::Cut => "its response, already started, is cut short",
+        TakeOver::AlreadyEnded => "its response was complete",
+        TakeOver::Busy => "its thread is blocked writing the response, which stays unanswered",
+    };
+    tracing::error!(
+        "{} is stuck: running for {:.1} s, past WSGI_REQUEST_TIMEOUT={}; {answer}; {stack}",
+        tracked.line,
+        tracked.started.elapsed().as_secs_f64(),
+        timeout.as_secs_f64(),
+    );
+    service::abandon(ops);
+}
+
+fn check_memory(ops: &'static Ops) {
+    let Some(limit) = ops.settings.max_rss else {
+        return;
+    };
+    if let Some(rss) = resident_bytes() {
+        if rss > limit {
+            service::recycle(
+                ops,
+                service::Cause::MaxRss,
+                format!(
+                    "resident memory {} MiB is above WSGI_MAX_RSS={} MiB",
+                    rss >> 20,
+                    limit >> 20
+                ),
+            );
+        }
+    }
+}
+
+/// This process's resident set size.
+#[cfg(target_os = "linux")]
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn resident_bytes() -> Option<u64> {
+    None
+}
+
+/// "the Python stack of its thread ...:" and the stack, or why there is none.
+fn stack_of(thread: u64) -> String {
+    match python_stacks(Some(thread)) {
+        Ok(stack) if stack.is_empty() => format!("thread {thread:#x} has no Python stack"),
+        Ok(stack) => format!("its thread's Python stack:\n{stack}"),
+        Err(e) => e,
+    }
+}
+
+/// The Python stack of `thread` (every thread when `None`), every frame, most recent call last,
+/// as `traceback` prints it. Taken from a helper thread, waited for at most [`GIL_WAIT`].
+pub fn python_stacks(thread: Option<u64>) -> Result<String, String> {
+    if !crate::python::interpreter::running() {
+        return Err("Python is not running".into());
+    }
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("wfastcgi-stacks".into())
+        .spawn(move || {
+            let stacks = Python::attach(|py| {
+                format_stacks(py, thread).map_err(|e| crate::python::format_exception(py, &e))
+            });
+            let _ = sender.send(stacks);
+        });
+    if let Err(e) = spawned {
+        return Err(format!(
+            "cannot start a thread to read the Python stacks: {e}"
+        ));
+    }
+    match receiver.recv_timeout(GIL_WAIT) {
+        Ok(stacks) => stacks.map_err(|e| format!("cannot read the Python stacks:\n{e}")),
+        Err(_) => Err(format!(
+            "no Python stack: the GIL was not released within {GIL_WAIT:?} (a thread is stuck in C code that holds it)"
+        )),
+    }
+}
+
+fn format_stacks(py: Python<'_>, only: Option<u64>) -> PyResult<String> {
+    let frames = py.import("sys")?.call_method0("_current_frames")?;
+    let frames = frames.cast::<PyDict>()?;
+    let format_stack = py.import("traceback")?.getattr("format_stack")?;
+    let names = PyDict::new(py);
+    for thread in py
+        .import("threading")?
+        .call_method0("enumerate")?
+        .try_iter()?
+    {
+        let thread = thread?;
+        names.set_item(thread.getattr("ident")?, thread.getattr("name")?)?;
+    }
+    let mut out = String::new();
+    for (ident, frame) in frames.iter() {
+        let ident: u64 = ident.extract()?;
+        if only.is_some_and(|only| only != ident) {
+            continue;
+        }
+        let name = match names.get_item(ident)? {
+            Some(name) => format!(" {}", name.str()?),
+            None => String::new(),
+        };
+        out.push_str(&format!(
+            "Thread {ident:#x}{name} (most recent call last):\n"
+        ));
+        let lines = format_stack.call1((frame,))?;
+        out.push_str(
+            &PyString::new(py, "")
+                .call_method1("join", (lines,))?
+                .extract::<String>()?,
+        );
+    }
+    Ok(out)
+}
