@@ -447,29 +447,38 @@ impl Settings {
 /// Reads `<configuration><appSettings>`: `<add key value/>` in order, honouring `<remove key/>`
 /// and `<clear/>` as .NET does. Keys are trimmed (wfastcgi.py does); values are kept as written.
 pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String)>, String> {
+    let mut settings = Settings::default();
+    for_each_child(xml, &[b"configuration", b"appSettings"], |element| {
+        apply_setting(element, &mut settings)
+    })?;
+    Ok(settings.into_vec())
+}
+
+/// Calls `visit` with each element directly under the element path `parent` (from the root) of
+/// a web.config, decoded as [`decode_text`] does. Every reader of web.config sections uses it.
+pub fn for_each_child(
+    xml: &[u8],
+    parent: &[&[u8]],
+    mut visit: impl FnMut(&BytesStart<'_>) -> std::result::Result<(), String>,
+) -> std::result::Result<(), String> {
     let xml = decode_text(xml)?;
     let mut reader = Reader::from_reader(xml.as_ref());
-    let mut settings = Settings::default();
     let mut path: Vec<Vec<u8>> = Vec::new();
     let mut buf = Vec::new();
-    let in_app_settings = |path: &[Vec<u8>]| {
-        path.len() == 2 && path[0] == b"configuration" && path[1] == b"appSettings"
-    };
     loop {
         let position = reader.buffer_position();
         let event = reader
             .read_event_into(&mut buf)
             .map_err(|e| format!("XML error at byte {position}: {e}"))?;
+        let in_parent = || path.iter().map(Vec::as_slice).eq(parent.iter().copied());
         match event {
             Event::Start(element) => {
-                if in_app_settings(&path) {
-                    apply_setting(&element, &mut settings)?;
+                if in_parent() {
+                    visit(&element)?;
                 }
                 path.push(element.name().as_ref().to_vec());
             }
-            Event::Empty(element) if in_app_settings(&path) => {
-                apply_setting(&element, &mut settings)?;
-            }
+            Event::Empty(element) if in_parent() => visit(&element)?,
             Event::End(_) => {
                 path.pop();
             }
@@ -481,7 +490,7 @@ pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String
     if !path.is_empty() {
         return Err("unexpected end of file: unclosed elements".into());
     }
-    Ok(settings.into_vec())
+    Ok(())
 }
 
 fn apply_setting(

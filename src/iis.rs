@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use quick_xml::events::Event;
-use quick_xml::Reader;
 
 /// Seconds IIS waits after signalling the shutdown event before it kills the process; what
 /// wfastcgi.py's enable command registers.
@@ -268,53 +266,29 @@ pub struct HandlerEntry {
 
 /// The FastCGI handler entries directly under `<configuration><system.webServer><handlers>`.
 pub fn fastcgi_handlers(xml: &[u8]) -> Result<Vec<HandlerEntry>, String> {
-    let xml = xml.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(xml);
-    let mut reader = Reader::from_reader(xml);
-    let mut path: Vec<Vec<u8>> = Vec::new();
     let mut entries = Vec::new();
-    let mut buf = Vec::new();
-    let wanted: [&[u8]; 3] = [b"configuration", b"system.webServer", b"handlers"];
-    loop {
-        let position = reader.buffer_position();
-        let event = reader
-            .read_event_into(&mut buf)
-            .map_err(|e| format!("XML error at byte {position}: {e}"))?;
-        let (element, opens) = match &event {
-            Event::Start(e) => (e, true),
-            Event::Empty(e) => (e, false),
-            Event::End(_) => {
-                path.pop();
-                buf.clear();
-                continue;
-            }
-            Event::Eof => break,
-            _ => {
-                buf.clear();
-                continue;
-            }
+    let handlers: [&[u8]; 3] = [b"configuration", b"system.webServer", b"handlers"];
+    crate::config::for_each_child(xml, &handlers, |element| {
+        if element.name().as_ref() != b"add" {
+            return Ok(());
+        }
+        let attribute = |name: &[u8]| {
+            element
+                .attributes()
+                .flatten()
+                .find(|a| a.key.as_ref().eq_ignore_ascii_case(name))
+                .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
         };
-        if path.iter().map(Vec::as_slice).eq(wanted) && element.name().as_ref() == b"add" {
-            let attribute = |name: &[u8]| {
-                element
-                    .attributes()
-                    .flatten()
-                    .find(|a| a.key.as_ref().eq_ignore_ascii_case(name))
-                    .and_then(|a| a.unescape_value().ok().map(|v| v.into_owned()))
-            };
-            let modules = attribute(b"modules").unwrap_or_default();
-            if modules.eq_ignore_ascii_case("FastCgiModule") {
-                entries.push(HandlerEntry {
-                    name: attribute(b"name").unwrap_or_default(),
-                    script_processor: attribute(b"scriptProcessor").unwrap_or_default(),
-                    response_buffer_limit: attribute(b"responseBufferLimit"),
-                });
-            }
+        let modules = attribute(b"modules").unwrap_or_default();
+        if modules.eq_ignore_ascii_case("FastCgiModule") {
+            entries.push(HandlerEntry {
+                name: attribute(b"name").unwrap_or_default(),
+                script_processor: attribute(b"scriptProcessor").unwrap_or_default(),
+                response_buffer_limit: attribute(b"responseBufferLimit"),
+            });
         }
-        if opens {
-            path.push(element.name().as_ref().to_vec());
-        }
-        buf.clear();
-    }
+        Ok(())
+    })?;
     Ok(entries)
 }
 

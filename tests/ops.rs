@@ -542,7 +542,17 @@ fn bind_metrics_count_a_known_request_mix() {
     let mut bad = app.iis_params("GET", "/");
     set_param(&mut bad, "CONTENT_LENGTH", "lots");
     assert_eq!(gateway.connect().get(1, &bad).status, 400);
-    let (body, samples) = scrape(&address);
+    // A request is counted once its response has left: the client can see it a moment before.
+    let mut scraped = Default::default();
+    wait_until("the 9 requests counted", || {
+        scraped = scrape(&address);
+        let classes = ["2xx", "4xx", "5xx"].map(|class| {
+            let key = format!("wfastcgi_requests_total{{class=\"{class}\"}}");
+            scraped.1.get(&key).copied().unwrap_or_default()
+        });
+        classes.iter().sum::<f64>() == 9.0
+    });
+    let (body, samples) = scraped;
     assert_eq!(
         sample(&samples, "wfastcgi_requests_total{class=\"2xx\"}"),
         6.0,

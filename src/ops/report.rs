@@ -1,8 +1,5 @@
 //! What `wfastcgi check` says about the operations settings.
 
-use quick_xml::events::Event;
-use quick_xml::Reader;
-
 use super::Settings;
 use crate::config::AppConfig;
 
@@ -136,53 +133,28 @@ fn iis_request_timeout(config: &AppConfig) -> Result<Option<u64>, String> {
 
 /// `(fullPath, requestTimeout)` of each `<configuration><system.webServer><fastCgi><application>`.
 fn fastcgi_applications(xml: &[u8]) -> Result<Vec<(String, Option<String>)>, String> {
-    let xml = xml.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(xml);
-    let mut reader = Reader::from_reader(xml);
-    let mut path: Vec<Vec<u8>> = Vec::new();
     let mut found = Vec::new();
-    let mut buf = Vec::new();
-    let wanted: [&[u8]; 3] = [b"configuration", b"system.webServer", b"fastCgi"];
-    loop {
-        let position = reader.buffer_position();
-        let event = reader
-            .read_event_into(&mut buf)
-            .map_err(|e| format!("XML error at byte {position}: {e}"))?;
-        let (element, opens) = match &event {
-            Event::Start(e) => (e, true),
-            Event::Empty(e) => (e, false),
-            Event::End(_) => {
-                path.pop();
-                buf.clear();
-                continue;
-            }
-            Event::Eof => break,
-            _ => {
-                buf.clear();
-                continue;
-            }
-        };
-        let in_fastcgi = path.len() == 3 && path.iter().zip(wanted).all(|(p, w)| p == w);
-        if in_fastcgi && element.name().as_ref() == b"application" {
-            let mut full_path = String::new();
-            let mut timeout = None;
-            for attr in element.attributes().flatten() {
-                let value = attr
-                    .unescape_value()
-                    .map_err(|e| format!("bad attribute value: {e}"))?
-                    .into_owned();
-                match attr.key.as_ref() {
-                    b"fullPath" => full_path = value,
-                    b"requestTimeout" => timeout = Some(value),
-                    _ => {}
-                }
-            }
-            found.push((full_path, timeout));
+    let fastcgi: [&[u8]; 3] = [b"configuration", b"system.webServer", b"fastCgi"];
+    crate::config::for_each_child(xml, &fastcgi, |element| {
+        if element.name().as_ref() != b"application" {
+            return Ok(());
         }
-        if opens {
-            path.push(element.name().as_ref().to_vec());
+        let mut full_path = String::new();
+        let mut timeout = None;
+        for attr in element.attributes().flatten() {
+            let value = attr
+                .unescape_value()
+                .map_err(|e| format!("bad attribute value: {e}"))?
+                .into_owned();
+            match attr.key.as_ref() {
+                b"fullPath" => full_path = value,
+                b"requestTimeout" => timeout = Some(value),
+                _ => {}
+            }
         }
-        buf.clear();
-    }
+        found.push((full_path, timeout));
+        Ok(())
+    })?;
     Ok(found)
 }
 
