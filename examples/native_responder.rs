@@ -18,7 +18,7 @@ use anyhow::{anyhow, Context, Result};
 
 use wfastcgi::connection::ServerContext;
 use wfastcgi::exchange::{simple_response, Job, Output, ResponseEncoder};
-use wfastcgi::protocol::ParamLimits;
+use wfastcgi::protocol::{Advertised, ParamLimits};
 use wfastcgi::server::{run, Transport};
 use wfastcgi::{shutdown, worker};
 
@@ -65,25 +65,19 @@ fn serve_queued(transport: Transport) -> Result<()> {
     } else {
         (MAX_CONNECTIONS, MAX_CONNECTIONS)
     };
+    let advertised = Advertised {
+        max_conns,
+        max_reqs,
+    };
     let (jobs, job_receiver) = worker::queue(QUEUE_CAPACITY);
     let (trigger, _) = shutdown::channel();
     #[cfg(target_os = "linux")]
-    let (transport, jobs, acceptor) = wfastcgi::acceptor::share(
-        transport,
-        jobs,
-        None,
-        wfastcgi::direct::Advertised {
-            max_conns,
-            max_reqs,
-        },
-        true,
-        None,
-    )?;
+    let (transport, jobs, acceptor) =
+        wfastcgi::acceptor::share(transport, jobs, None, advertised, true, None)?;
     let context = Arc::new(ServerContext {
         jobs,
         param_limits: ParamLimits::default(),
-        max_conns,
-        max_reqs,
+        advertised,
         allowed_peers: None,
         idle_timeout: None,
         send_timeout: None,

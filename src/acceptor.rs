@@ -27,8 +27,9 @@ use rustix::event::{epoll, eventfd, EventfdFlags};
 use socket2::Socket;
 use tokio::sync::mpsc;
 
-use crate::direct::{Advertised, Driver, ParkedConnection};
+use crate::direct::{Driver, ParkedConnection};
 use crate::exchange::Job;
+use crate::protocol::{Advertised, ParamLimits, Session};
 use crate::server::{Handoff, Transport};
 use crate::shutdown::Shutdown;
 use crate::worker::JobQueue;
@@ -73,8 +74,8 @@ pub struct Acceptor {
     /// Rung once for every job queued by the tokio side, and for every resumed connection.
     jobs_ready: Arc<Doorbell>,
     /// Parked connections whose next request is arriving, for the next idle worker.
-    resume: Sender<Socket>,
-    resumed: Receiver<Socket>,
+    resume: Sender<ParkedConnection>,
+    resumed: Receiver<ParkedConnection>,
     stop: Doorbell,
     /// Wakes one more worker when one took one kind of work (a connection, or a queued job or
     /// connection) while the other kind may be waiting too: EPOLLEXCLUSIVE woke only it.
@@ -127,7 +128,7 @@ pub fn share(
 /// What a worker is given.
 enum Work {
     Job(Job),
-    Connection(Socket),
+    Connection(ParkedConnection),
     Stop,
 }
 
@@ -236,9 +237,9 @@ impl Acceptor {
     }
 
     /// Gives a parked connection whose next request is arriving back to a worker.
-    pub fn resume(&self, socket: Socket) {
+    pub fn resume(&self, connection: ParkedConnection) {
         // The receiver lives as long as the acceptor.
-        let _ = self.resume.send(socket);
+        let _ = self.resume.send(connection);
         self.jobs_ready.ring();
     }
 
@@ -313,12 +314,10 @@ impl<'a> WorkerSource<'a> {
             };
             match work {
                 Work::Job(job) => return Some(job),
-                Work::Connection(socket) => {
-                    let buf = std::mem::take(&mut self.spare_buf);
+                Work::Connection(connection) => {
                     let shutdown = self.shutdown.clone();
-                    let acceptor = self.acceptor;
-                    let (advertised, send_timeout) = (acceptor.advertised, acceptor.send_timeout);
-                    match Driver::accepted(socket, shutdown, advertised, send_timeout, buf) {
+                    let send_timeout = self.acceptor.send_timeout;
+                    match Driver::accepted(connection, shutdown, send_timeout) {
                         Ok(driver) => self.connection = Some(driver),
                         Err(e) => tracing::warn!("cannot serve an accepted connection: {e}"),
                     }
@@ -368,7 +367,13 @@ impl<'a> WorkerSource<'a> {
             let work = match queued {
                 Some(work) => Some(work),
                 None if listener || nudge => match acceptor.accept() {
-                    Ok(socket) => socket.map(Work::Connection),
+                    Ok(socket) => socket.map(|socket| {
+                        // The last connection's read buffer, for the next.
+                        let buf = std::mem::take(&mut self.spare_buf);
+                        let session =
+                            Session::new(ParamLimits::default(), acceptor.advertised, buf);
+                        Work::Connection(ParkedConnection { socket, session })
+                    }),
                     Err(_) => {
                         std::thread::sleep(ACCEPT_RETRY);
                         None
@@ -406,10 +411,10 @@ impl<'a> WorkerSource<'a> {
     }
 
     fn try_resumed(&self) -> Option<Work> {
-        let socket = self.acceptor.resumed.try_recv().ok()?;
+        let connection = self.acceptor.resumed.try_recv().ok()?;
         // tokio made it non-blocking; the driver reads with blocking calls.
-        match socket.set_nonblocking(false) {
-            Ok(()) => Some(Work::Connection(socket)),
+        match connection.socket.set_nonblocking(false) {
+            Ok(()) => Some(Work::Connection(connection)),
             Err(e) => {
                 tracing::warn!("cannot serve a resumed connection: {e}");
                 None

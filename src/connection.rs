@@ -1,14 +1,11 @@
-//! One FastCGI connection: reads records, runs one request at a time through a worker, writes
-//! the worker's records back.
+//! The tokio driver: one FastCGI connection served by a task, its requests run by workers
+//! through the job queue.
 //!
-//! BEGIN_REQUEST → PARAMS… → empty PARAMS (the job is queued now, so the application starts
-//! while the body is still arriving) → STDIN… → empty STDIN. The body goes to the application
+//! The protocol is the connection's `Session`; this moves bytes between it and the socket and
+//! its events to and from the worker. A request is queued once its parameters are complete, so
+//! the application starts while the body is still arriving. The body goes to the application
 //! through a small bounded channel; while it is full this task stops reading the socket, which
-//! is the backpressure the web server feels. Records of a request that is already answered (the
-//! rest of a body the application did not read) are drained, so the connection stays usable.
-//!
-//! A second BEGIN_REQUEST while a request runs is answered FCGI_CANT_MPX_CONN: IIS never
-//! multiplexes, and GET_VALUES says FCGI_MPXS_CONNS=0.
+//! is the backpressure the web server feels.
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -20,28 +17,10 @@ use tokio::sync::mpsc;
 
 use crate::exchange::{self, BodyEvent, JobHandles, Output, ResponseEncoder};
 use crate::protocol::{
-    self, ParamLimits, ParamsBuilder, ProtocolError, ProtocolStatus, Record, RecordDecoder, Role,
+    self, Advertised, Event, ParamLimits, ProtocolError, RecordDecoder, Session,
 };
 use crate::shutdown::Shutdown;
 use crate::worker::{JobQueue, SubmitError};
-
-/// Where a worker (`direct.rs`) left a connection it hands to the I/O thread; nothing for a
-/// connection the I/O thread accepted itself.
-#[derive(Debug, Default)]
-pub struct Handover {
-    /// Bytes read but not served: a request head that stalled (encoded again) and what followed.
-    pub buffered: Bytes,
-    /// An answered request whose body is still arriving.
-    pub draining: Option<Draining>,
-}
-
-/// An answered request whose body is still arriving.
-#[derive(Debug, Clone, Copy)]
-pub struct Draining {
-    pub request_id: u16,
-    /// It had no FCGI_KEEP_CONN: close once its body has ended.
-    pub then_close: bool,
-}
 
 /// The log line of a connection closed for `WSGI_IDLE_TIMEOUT` (here, or parked with the I/O
 /// thread by a worker, `server.rs`).
@@ -53,9 +32,8 @@ pub fn log_idle_close(limit: std::time::Duration) {
 pub struct ServerContext {
     pub jobs: JobQueue,
     pub param_limits: ParamLimits,
-    /// FCGI_MAX_CONNS and FCGI_MAX_REQS as GET_VALUES reports them.
-    pub max_conns: usize,
-    pub max_reqs: usize,
+    /// FCGI_MAX_CONNS (connections served at once) and FCGI_MAX_REQS.
+    pub advertised: Advertised,
     /// FCGI_WEB_SERVER_ADDRS: TCP peers allowed to connect; `None` allows all.
     pub allowed_peers: Option<Vec<std::net::IpAddr>>,
     /// How long a connection may sit without a request in progress before it is closed.
@@ -94,19 +72,16 @@ impl From<ProtocolError> for ConnectionError {
     }
 }
 
-enum State {
-    Idle,
-    ReadingParams {
-        request_id: u16,
-        keep_conn: bool,
-        params: ParamsBuilder,
-    },
-    Running(Running),
+impl ServerContext {
+    /// The session of a new connection.
+    pub fn session(&self) -> Session {
+        let buf = BytesMut::with_capacity(READ_ROOM);
+        Session::new(self.param_limits, self.advertised, buf)
+    }
 }
 
+/// The request a worker runs.
 struct Running {
-    request_id: u16,
-    keep_conn: bool,
     handles: JobHandles,
     /// `None` once the body is complete, or once the application stopped listening.
     body: Option<mpsc::Sender<BodyEvent>>,
@@ -116,26 +91,24 @@ struct Running {
 
 pub struct Connection<S> {
     stream: S,
-    read_buf: BytesMut,
-    decoder: RecordDecoder,
+    session: Session,
     /// Records this task answers itself (GET_VALUES_RESULT, refusals), written before reading on.
     replies: BytesMut,
-    state: State,
-    /// A request answered before its body was complete: its remaining STDIN is dropped.
-    draining: Option<u16>,
+    running: Option<Running>,
     context: Arc<ServerContext>,
     shutdown: Shutdown,
     peer_closed: bool,
-    close_after_request: bool,
+    /// A shutdown started: the connection closes once idle.
+    shutting_down: bool,
     /// After a shutdown started: until then an idle connection still takes the request a web
     /// server may already have sent, so nothing in flight is cut off by the race.
     linger_until: Option<tokio::time::Instant>,
     /// When the last bytes arrived, and the timer that closes an idle connection.
     idle_since: tokio::time::Instant,
     idle_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
-    /// When the request head in progress (a partial record, or parameters) started, and the
-    /// timer that closes a connection whose head takes longer than `WSGI_HEADER_TIMEOUT`.
-    head_since: Option<tokio::time::Instant>,
+    /// The timer that closes a connection whose head takes longer than `WSGI_HEADER_TIMEOUT`,
+    /// and when it fires.
+    head_deadline: Option<tokio::time::Instant>,
     head_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -147,36 +120,29 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(100);
 const READ_ROOM: usize = 16 * 1024;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
-    pub fn new(stream: S, context: Arc<ServerContext>, shutdown: Shutdown) -> Self {
+    /// Serves `stream` from where `session` is: a new one, or one a worker handed over (a head
+    /// half received, a body still arriving).
+    pub fn new(
+        stream: S,
+        session: Session,
+        context: Arc<ServerContext>,
+        shutdown: Shutdown,
+    ) -> Self {
         Connection {
             stream,
-            read_buf: BytesMut::with_capacity(READ_ROOM),
-            decoder: RecordDecoder,
+            session,
             replies: BytesMut::new(),
-            state: State::Idle,
-            draining: None,
+            running: None,
             context,
             shutdown,
             peer_closed: false,
-            close_after_request: false,
+            shutting_down: false,
             linger_until: None,
             idle_since: tokio::time::Instant::now(),
             idle_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
-            head_since: None,
+            head_deadline: None,
             head_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
         }
-    }
-
-    /// Picks up where a worker left the connection: the bytes it read but did not serve, and a
-    /// body still arriving, which is drained before the connection closes or (FCGI_KEEP_CONN)
-    /// serves its next request.
-    pub fn resume(mut self, from: Handover) -> Self {
-        self.read_buf.extend_from_slice(&from.buffered);
-        if let Some(draining) = from.draining {
-            self.draining = Some(draining.request_id);
-            self.close_after_request = draining.then_close;
-        }
-        self
     }
 
     /// Serves requests until the web server closes the connection, a request without
@@ -184,6 +150,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn run(&mut self) -> Result<(), ConnectionError> {
         loop {
             self.process_buffered()?;
+            if let Some(replies) = self.session.take_replies() {
+                self.replies.extend_from_slice(&replies);
+            }
             if !self.replies.is_empty() {
                 let mut replies = [self.replies.split().freeze()];
                 let send_timeout = self.context.send_timeout;
@@ -194,10 +163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Ok(());
             }
             let reading = !self.peer_closed && !self.has_pending_body();
-            let idle_limit = self
-                .context
-                .idle_timeout
-                .filter(|_| !matches!(self.state, State::Running(_)));
+            let idle_limit = self.context.idle_timeout.filter(|_| self.running.is_none());
             // One timer for the connection's life, moved forward as bytes arrive.
             if let Some(limit) = idle_limit {
                 self.idle_timer.as_mut().reset(self.idle_since + limit);
@@ -216,23 +182,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     );
                     return Ok(());
                 }
-                wake = running_event(&mut self.state) => match wake {
+                wake = running_event(&mut self.running) => match wake {
                     Wake::Output(output) => self.write_output(output).await?,
                     Wake::BodyDelivered(true) => {}
                     Wake::BodyDelivered(false) => self.stop_feeding_body(),
                 },
-                read = self.stream.read_buf(&mut self.read_buf), if reading => {
+                read = self.stream.read_buf(self.session.read_buf()), if reading => {
                     if read? == 0 {
-                        self.decoder.finish(&self.read_buf)?;
+                        self.session.end_of_stream()?;
                         self.on_peer_closed();
                     }
-                    let needed = RecordDecoder::bytes_needed(&self.read_buf);
-                    self.read_buf.reserve(needed.max(READ_ROOM));
+                    let buf = self.session.read_buf();
+                    let needed = RecordDecoder::bytes_needed(buf);
+                    buf.reserve(needed.max(READ_ROOM));
                     self.idle_since = tokio::time::Instant::now();
                 }
-                _ = self.shutdown.started(), if !self.close_after_request => {
-                    self.close_after_request = true;
-                    if matches!(self.state, State::Idle) {
+                _ = self.shutdown.started(), if !self.shutting_down => {
+                    self.shutting_down = true;
+                    if self.session.is_idle() {
                         self.linger_until = Some(tokio::time::Instant::now() + LINGER);
                     }
                 }
@@ -243,43 +210,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// `WSGI_HEADER_TIMEOUT` while a request head is arriving (as nginx's
     /// `client_header_timeout`): a client sending it slowly, byte by byte, cannot keep the
-    /// connection for ever. Starts the head's timer when the head starts.
+    /// connection for ever. The session says when the head started.
     fn head_limit(&mut self) -> Option<std::time::Duration> {
-        let arriving = match self.state {
-            State::ReadingParams { .. } => true,
-            // Part of a record that is not the rest of an answered request's body.
-            State::Idle => self.draining.is_none() && !self.read_buf.is_empty(),
-            State::Running(_) => false,
-        };
-        let limit = self.context.header_timeout.filter(|_| arriving);
-        match (limit, self.head_since) {
-            (Some(limit), None) => {
-                let now = tokio::time::Instant::now();
-                self.head_since = Some(now);
-                self.head_timer.as_mut().reset(now + limit);
+        let limit = self.context.header_timeout?;
+        let now = tokio::time::Instant::now().into_std();
+        let deadline = self
+            .session
+            .head_deadline(now, limit)
+            .map(tokio::time::Instant::from_std);
+        if deadline != self.head_deadline {
+            self.head_deadline = deadline;
+            if let Some(deadline) = deadline {
+                self.head_timer.as_mut().reset(deadline);
             }
-            (None, Some(_)) => self.head_since = None,
-            _ => {}
         }
-        limit
+        deadline.map(|_| limit)
     }
 
     fn has_pending_body(&self) -> bool {
-        matches!(&self.state, State::Running(r) if r.pending_body.is_some())
+        matches!(&self.running, Some(r) if r.pending_body.is_some())
     }
 
     fn is_done(&self) -> bool {
-        match &self.state {
-            State::Running(_) => false,
-            // The peer closed with a request half-sent: nothing more can arrive.
-            State::ReadingParams { .. } => self.peer_closed,
-            // Closing with a body still arriving would reset the connection under a web
-            // server that is still writing it, and it might lose the response.
-            State::Idle => {
-                self.peer_closed
-                    || (self.close_after_request && !self.lingering() && self.draining.is_none())
-            }
+        if self.running.is_some() {
+            return false;
         }
+        if self.peer_closed {
+            // With a request half-sent, nothing more can arrive either.
+            return true;
+        }
+        // Closing with a body still arriving would reset the connection under a web server
+        // that is still writing it, and it might lose the response.
+        self.session.is_idle()
+            && !self.session.is_draining()
+            && (self.session.is_closing() || (self.shutting_down && !self.lingering()))
     }
 
     fn lingering(&self) -> bool {
@@ -289,162 +253,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Handles the records already read, stopping at a body record that has to wait for room.
     fn process_buffered(&mut self) -> Result<(), ProtocolError> {
         while !self.has_pending_body() {
-            match self.decoder.decode(&mut self.read_buf)? {
-                Some(record) => self.on_record(record)?,
-                None => break,
+            // A shutdown turns new requests away, after the linger for one on its way.
+            self.session
+                .set_accepting(!self.shutting_down || self.lingering());
+            let Some(event) = self.session.next_event()? else {
+                break;
+            };
+            match event {
+                Event::Request { request_id, params } => self.start(request_id, params),
+                Event::Body(data) => self.feed_body(BodyEvent::Data(data)),
+                Event::BodyEnd => self.feed_body(BodyEvent::End),
+                Event::Aborted => {
+                    if let Some(running) = &mut self.running {
+                        running.handles.abort();
+                        // Closing the body channel wakes an application blocked on wsgi.input.
+                        running.body = None;
+                        running.pending_body = None;
+                    }
+                }
+                Event::Refused { request_id } => {
+                    self.refuse(request_id, "the server is shutting down")
+                }
             }
         }
-        Ok(())
-    }
-
-    fn on_record(&mut self, record: Record) -> Result<(), ProtocolError> {
-        match record {
-            Record::BeginRequest {
-                request_id,
-                role,
-                keep_conn,
-            } => self.on_begin(request_id, role, keep_conn),
-            Record::Params {
-                request_id,
-                content,
-            } => self.on_params(request_id, content)?,
-            Record::Stdin {
-                request_id,
-                content,
-            } => self.on_stdin(request_id, content),
-            Record::AbortRequest { request_id } => self.on_abort(request_id),
-            Record::GetValues { content } => self.on_get_values(&content)?,
-            Record::Data { request_id, .. } => {
-                tracing::debug!(
-                    request_id,
-                    "ignoring FCGI_DATA: only the RESPONDER role is served"
-                );
-            }
-            Record::Unknown { record_type, .. } => {
-                tracing::warn!(
-                    record_type,
-                    "unknown FastCGI record type; answered FCGI_UNKNOWN_TYPE"
-                );
-                protocol::encode_unknown_type(&mut self.replies, record_type);
-            }
-            Record::EndRequest { request_id, .. }
-            | Record::Stdout { request_id, .. }
-            | Record::Stderr { request_id, .. } => {
-                tracing::warn!(request_id, "ignoring a record only an application may send");
-            }
-            Record::GetValuesResult { .. } | Record::UnknownType { .. } => {
-                tracing::warn!("ignoring a management record only an application may send");
-            }
+        if !self.session.is_idle() {
+            // A request began: the linger has served its purpose.
+            self.linger_until = None;
         }
-        Ok(())
-    }
-
-    fn on_begin(&mut self, request_id: u16, role: Role, keep_conn: bool) {
-        match &self.state {
-            State::Idle => {}
-            State::ReadingParams { request_id: id, .. }
-            | State::Running(Running { request_id: id, .. })
-                if *id == request_id =>
-            {
-                tracing::warn!(
-                    request_id,
-                    "duplicate FCGI_BEGIN_REQUEST for a running request ignored"
-                );
-                return;
-            }
-            _ => {
-                tracing::warn!(
-                    request_id,
-                    "second request on a busy connection: FCGI_CANT_MPX_CONN"
-                );
-                protocol::encode_end_request(
-                    &mut self.replies,
-                    request_id,
-                    0,
-                    ProtocolStatus::CantMpxConn,
-                );
-                return;
-            }
-        }
-        self.draining = None;
-        if self.close_after_request && !self.lingering() {
-            // A shutdown started: requests already begun finish, new ones are turned away.
-            return self.refuse(request_id, keep_conn, "the server is shutting down");
-        }
-        self.linger_until = None;
-        if role != Role::Responder {
-            tracing::warn!(
-                request_id,
-                ?role,
-                "only the RESPONDER role is served: FCGI_UNKNOWN_ROLE"
-            );
-            protocol::encode_end_request(
-                &mut self.replies,
-                request_id,
-                0,
-                ProtocolStatus::UnknownRole,
-            );
-            return;
-        }
-        self.state = State::ReadingParams {
-            request_id,
-            keep_conn,
-            params: ParamsBuilder::new(self.context.param_limits),
-        };
-    }
-
-    fn on_params(&mut self, request_id: u16, content: Bytes) -> Result<(), ProtocolError> {
-        let State::ReadingParams {
-            request_id: id,
-            params,
-            ..
-        } = &mut self.state
-        else {
-            tracing::debug!(
-                request_id,
-                "FCGI_PARAMS outside a request's parameter stream ignored"
-            );
-            return Ok(());
-        };
-        if *id != request_id {
-            tracing::debug!(request_id, "FCGI_PARAMS for another request ignored");
-            return Ok(());
-        }
-        if !content.is_empty() {
-            return params.push(&content);
-        }
-        let State::ReadingParams {
-            request_id,
-            keep_conn,
-            params,
-        } = std::mem::replace(&mut self.state, State::Idle)
-        else {
-            unreachable!("matched above");
-        };
-        self.start(request_id, keep_conn, params.finish()?);
         Ok(())
     }
 
     /// Queues the job for a worker, or answers 503 at once when every worker and queue slot is
     /// taken.
-    fn start(&mut self, request_id: u16, keep_conn: bool, params: protocol::Params) {
+    fn start(&mut self, request_id: u16, params: protocol::Params) {
         let (job, handles, body) = exchange::job(request_id, params);
         match self.context.jobs.submit(job) {
             Ok(()) => {}
             Err(SubmitError::Full) => {
-                return self.refuse(
-                    request_id,
-                    keep_conn,
-                    "every worker is busy and the queue is full",
-                )
+                return self.refuse(request_id, "every worker is busy and the queue is full")
             }
             Err(SubmitError::Closed) => {
-                return self.refuse(request_id, keep_conn, "the server is shutting down")
+                return self.refuse(request_id, "the server is shutting down")
             }
         }
-        self.state = State::Running(Running {
-            request_id,
-            keep_conn,
+        self.running = Some(Running {
             body: Some(body),
             handles,
             pending_body: None,
@@ -452,7 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     /// Answers `503 Service Unavailable` with Retry-After and drops the rest of the request.
-    fn refuse(&mut self, request_id: u16, keep_conn: bool, reason: &str) {
+    fn refuse(&mut self, request_id: u16, reason: &str) {
         tracing::warn!(request_id, "request refused with 503: {reason}");
         let mut encoder = ResponseEncoder::new(request_id);
         exchange::simple_response(
@@ -462,32 +314,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             b"Service Unavailable\n",
         );
         self.replies.extend_from_slice(&encoder.finish(0));
-        self.draining = Some(request_id);
-        if !keep_conn {
-            self.close_after_request = true;
-        }
+        self.session.response_ended();
     }
 
-    fn on_stdin(&mut self, request_id: u16, content: Bytes) {
-        let State::Running(running) = &mut self.state else {
-            if self.draining != Some(request_id) {
-                tracing::debug!(request_id, "FCGI_STDIN for no running request ignored");
-            } else if content.is_empty() {
-                self.draining = None;
-            }
+    /// Passes a piece of the body on, or keeps it while the channel is full.
+    fn feed_body(&mut self, event: BodyEvent) {
+        let Some(running) = &mut self.running else {
             return;
         };
-        if running.request_id != request_id {
-            tracing::debug!(request_id, "FCGI_STDIN for another request ignored");
-            return;
-        }
         let Some(body) = &running.body else {
             return; // the application no longer reads: drain
-        };
-        let event = if content.is_empty() {
-            BodyEvent::End
-        } else {
-            BodyEvent::Data(content)
         };
         let ended = matches!(event, BodyEvent::End);
         match body.try_send(event) {
@@ -501,55 +337,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     fn stop_feeding_body(&mut self) {
-        if let State::Running(running) = &mut self.state {
+        if let Some(running) = &mut self.running {
             running.body = None;
             running.pending_body = None;
         }
     }
 
-    fn on_abort(&mut self, request_id: u16) {
-        match &mut self.state {
-            State::ReadingParams { request_id: id, .. } if *id == request_id => {
-                tracing::info!(
-                    request_id,
-                    "request aborted by the web server before it started"
-                );
-                protocol::encode_end_request(
-                    &mut self.replies,
-                    request_id,
-                    0,
-                    ProtocolStatus::RequestComplete,
-                );
-                self.state = State::Idle;
-            }
-            State::Running(running) if running.request_id == request_id => {
-                tracing::info!(request_id, "request aborted by the web server");
-                running.handles.abort();
-                // Closing the body channel wakes an application blocked on wsgi.input.
-                running.body = None;
-                running.pending_body = None;
-            }
-            _ => tracing::debug!(
-                request_id,
-                "FCGI_ABORT_REQUEST for no running request ignored"
-            ),
-        }
-    }
-
-    fn on_get_values(&mut self, content: &Bytes) -> Result<(), ProtocolError> {
-        let asked = protocol::decode_name_values(content, &self.context.param_limits)?;
-        encode_values_answer(
-            &mut self.replies,
-            &asked,
-            self.context.max_conns,
-            self.context.max_reqs,
-        );
-        Ok(())
-    }
-
     fn on_peer_closed(&mut self) {
         self.peer_closed = true;
-        if let State::Running(running) = &mut self.state {
+        if let Some(running) = &mut self.running {
             if running.body.is_some() {
                 // The body can never complete; wsgi.input reports the interruption.
                 running.body = None;
@@ -559,14 +355,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     }
 
     async fn write_output(&mut self, output: Option<Output>) -> Result<(), ConnectionError> {
-        let State::Running(running) = &mut self.state else {
+        let Some(running) = &mut self.running else {
             return Ok(());
         };
         let aborted = running.handles.is_aborted();
-        let request_id = running.request_id;
+        let request_id = self.session.running().unwrap_or_default();
         // Coalesce what the worker has already queued into one vectored write.
         let mut batch: Vec<Bytes> = Vec::new();
-        let mut ended = false;
         let mut next = output;
         loop {
             match next {
@@ -576,12 +371,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     }
                 }
                 Some(Output::End(records)) => {
-                    batch.push(if aborted {
-                        end_request(request_id, 0)
-                    } else {
-                        records
-                    });
-                    ended = true;
+                    batch.push(self.session.end_response(records, aborted));
+                    self.running = None;
                     break;
                 }
                 None => {
@@ -591,8 +382,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         request_id,
                         "worker ended the request without FCGI_END_REQUEST"
                     );
-                    batch.push(end_request(request_id, 1));
-                    ended = true;
+                    batch.push(
+                        self.session
+                            .end_response(protocol::end_request(request_id, 1), false),
+                    );
+                    self.running = None;
                     break;
                 }
             }
@@ -601,53 +395,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 Err(_) => break,
             };
         }
-        let keep_conn = running.keep_conn;
-        let body_unfinished = running.body.is_some() || running.pending_body.is_some();
-        if ended {
-            if body_unfinished {
-                self.draining = Some(request_id);
-            }
-            self.state = State::Idle;
-            if !keep_conn {
-                self.close_after_request = true;
-            }
-        }
         write_all_vectored(&mut self.stream, &mut batch, self.context.send_timeout).await?;
         Ok(())
     }
-}
-
-/// FCGI_END_REQUEST, REQUEST_COMPLETE, on its own.
-fn end_request(request_id: u16, app_status: u32) -> Bytes {
-    let mut end = BytesMut::new();
-    protocol::encode_end_request(
-        &mut end,
-        request_id,
-        app_status,
-        ProtocolStatus::RequestComplete,
-    );
-    end.freeze()
-}
-
-/// FCGI_GET_VALUES_RESULT for the variables asked about that this gateway knows; it never
-/// multiplexes.
-pub(crate) fn encode_values_answer(
-    buf: &mut BytesMut,
-    asked: &protocol::Params,
-    max_conns: usize,
-    max_reqs: usize,
-) {
-    let (max_conns, max_reqs) = (max_conns.to_string(), max_reqs.to_string());
-    let known: [(&[u8], &[u8]); 3] = [
-        (b"FCGI_MAX_CONNS", max_conns.as_bytes()),
-        (b"FCGI_MAX_REQS", max_reqs.as_bytes()),
-        (b"FCGI_MPXS_CONNS", b"0"),
-    ];
-    let answer: Vec<(&[u8], &[u8])> = known
-        .into_iter()
-        .filter(|(name, _)| asked.get(name).is_some())
-        .collect();
-    protocol::encode_get_values_result(buf, &answer);
 }
 
 async fn linger(until: Option<tokio::time::Instant>) {
@@ -665,13 +415,12 @@ enum Wake {
 }
 
 /// Waits for the running request's worker; never resolves while no request runs.
-async fn running_event(state: &mut State) -> Wake {
-    let State::Running(Running {
+async fn running_event(running: &mut Option<Running>) -> Wake {
+    let Some(Running {
         handles,
         body,
         pending_body,
-        ..
-    }) = state
+    }) = running
     else {
         return std::future::pending().await;
     };

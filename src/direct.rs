@@ -20,14 +20,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use socket2::Socket;
 
-use crate::connection::{encode_values_answer, ConnectionError, Draining, Handover};
+use crate::connection::ConnectionError;
 use crate::exchange::{
     BodyInterrupted, BodySource, BodyStream, Job, Output, OutputTarget, ResponseGone, ResponseSink,
     TrySendError,
 };
-use crate::protocol::{
-    self, ParamLimits, ParamsBuilder, ProtocolStatus, Record, RecordDecoder, Role,
-};
+use crate::protocol::{self, Advertised, Event, ParamLimits, Session};
 use crate::shutdown::Shutdown;
 
 /// How often a wait for the next request looks at the shutdown flag (the socket's receive
@@ -38,37 +36,27 @@ const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
 /// connection before handing it to the I/O thread: web servers send a head at once.
 const HEAD_LIMIT: Duration = POLL;
 
-/// FCGI_MAX_CONNS and FCGI_MAX_REQS, as GET_VALUES answers them.
-#[derive(Debug, Clone, Copy)]
-pub struct Advertised {
-    pub max_conns: usize,
-    pub max_reqs: usize,
-}
-
 /// IIS's stream: one connection, one request at a time.
 const IIS_STREAM: Advertised = Advertised {
     max_conns: 1,
     max_reqs: 1,
 };
 
-/// The socket, and what was read from it but not yet used.
+/// The socket and the connection's protocol state.
 struct Wire {
     /// Taken when the connection is parked: a request object the application kept past its
     /// request then finds the connection gone instead of reading someone else's.
     socket: Option<Socket>,
-    buf: BytesMut,
-    /// Records read while looking for an abort during a response; used before `buf`.
-    pending: VecDeque<Record>,
-    limits: ParamLimits,
-    advertised: Advertised,
+    session: Session,
+    /// Events read while looking for an abort during a response (the running request's body),
+    /// or while draining an answered body (the next request); used first.
+    pending: VecDeque<Event>,
     /// `WSGI_SEND_TIMEOUT`, on an accepted connection.
     send_timeout: Option<Duration>,
-    /// The running request's empty STDIN record has been read.
-    body_ended: bool,
 }
 
 enum Soon {
-    Record(Record),
+    Event(Event),
     /// Nothing has arrived: park the connection.
     Quiet,
     End,
@@ -81,15 +69,24 @@ enum Filled {
 }
 
 impl Wire {
-    /// The next record, or `None` at the end of the stream, or when `stop` says so while
+    /// The next event in what has arrived, after writing what the session answered itself.
+    fn decoded(&mut self) -> Result<Option<Event>, ConnectionError> {
+        let event = self.session.next_event();
+        if let Some(replies) = self.session.take_replies() {
+            self.write_all(&replies)?;
+        }
+        Ok(event?)
+    }
+
+    /// The next event, or `None` at the end of the stream, or when `stop` says so while
     /// nothing is arriving.
-    fn next_record(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<Record>, ConnectionError> {
-        if let Some(record) = self.pending.pop_front() {
-            return Ok(Some(record));
+    fn next_event(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<Event>, ConnectionError> {
+        if let Some(event) = self.pending.pop_front() {
+            return Ok(Some(event));
         }
         loop {
-            if let Some(record) = RecordDecoder.decode(&mut self.buf)? {
-                return Ok(Some(record));
+            if let Some(event) = self.decoded()? {
+                return Ok(Some(event));
             }
             if stop() {
                 return Ok(None);
@@ -97,28 +94,28 @@ impl Wire {
             match self.fill(true)? {
                 Filled::Data | Filled::TimedOut => {}
                 Filled::End => {
-                    RecordDecoder.finish(&self.buf)?;
+                    self.session.end_of_stream()?;
                     return Ok(None);
                 }
             }
         }
     }
 
-    /// Like `next_record`, on a connection that is parked rather than waited on: waits one
+    /// Like `next_event`, on a connection that is parked rather than waited on: waits one
     /// `POLL` (`wait`) or not at all for more bytes; `Quiet` when none came. A shutdown does not
     /// cut this short: a request already on its way is served, as the tokio connection lingers
     /// for it.
-    fn next_record_soon(
+    fn next_event_soon(
         &mut self,
         wait: bool,
         deadline: Option<Instant>,
     ) -> Result<Soon, ConnectionError> {
         loop {
-            if let Some(record) = self.pending.pop_front() {
-                return Ok(Soon::Record(record));
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(Soon::Event(event));
             }
-            if let Some(record) = RecordDecoder.decode(&mut self.buf)? {
-                return Ok(Soon::Record(record));
+            if let Some(event) = self.decoded()? {
+                return Ok(Soon::Event(event));
             }
             match self.fill(wait)? {
                 // A record trickling in byte by byte never times a read out.
@@ -128,35 +125,32 @@ impl Wire {
                 Filled::Data => {}
                 Filled::TimedOut => return Ok(Soon::Quiet),
                 Filled::End => {
-                    RecordDecoder.finish(&self.buf)?;
+                    self.session.end_of_stream()?;
                     return Ok(Soon::End);
                 }
             }
         }
     }
 
-    /// Reads, without waiting, what is left of the last request's body; whether its end came.
-    /// Records of anything else (an abort, the next request) are kept for later.
-    fn drain_body_soon(&mut self, request_id: u16) -> bool {
-        loop {
-            match self.next_record_soon(false, None) {
-                Ok(Soon::Record(Record::Stdin {
-                    request_id: id,
-                    content,
-                })) if id == request_id => {
-                    if content.is_empty() {
-                        self.body_ended = true;
-                        return true;
-                    }
-                }
-                Ok(Soon::Record(other)) => {
-                    self.pending.push_front(other);
+    /// Reads, without waiting, what is left of the last request's body; whether its end came
+    /// (or the connection's). What follows it is kept for later.
+    fn drain_body_soon(&mut self) -> bool {
+        while self.session.is_draining() {
+            match self.decoded() {
+                Ok(Some(event)) => {
+                    self.pending.push_back(event);
                     return true;
                 }
-                Ok(Soon::Quiet) => return false,
-                Ok(Soon::End) | Err(_) => return true,
+                Ok(None) if !self.session.is_draining() => return true,
+                Ok(None) => match self.fill(false) {
+                    Ok(Filled::Data) => {}
+                    Ok(Filled::TimedOut) => return false,
+                    Ok(Filled::End) | Err(_) => return true,
+                },
+                Err(_) => return true,
             }
         }
+        true
     }
 
     /// Reads what is there. With `wait`, blocks until something arrives or the socket's
@@ -165,10 +159,11 @@ impl Wire {
         let Some(fd) = self.socket.as_ref().map(AsRawFd::as_raw_fd) else {
             return Ok(Filled::End);
         };
-        self.buf.reserve(READ_CHUNK);
+        let buf = self.session.read_buf();
+        buf.reserve(READ_CHUNK);
         let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         loop {
-            let spare = self.buf.spare_capacity_mut();
+            let spare = buf.spare_capacity_mut();
             // SAFETY: recv(2) writes at most `spare.len()` bytes into the uninitialised spare
             // capacity, and only the bytes it reports are marked as initialised below.
             let read = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), flags) };
@@ -176,7 +171,7 @@ impl Wire {
                 0 => return Ok(Filled::End),
                 n if n > 0 => {
                     // SAFETY: the kernel initialised these `n` bytes.
-                    unsafe { self.buf.set_len(self.buf.len() + n as usize) };
+                    unsafe { buf.set_len(buf.len() + n as usize) };
                     return Ok(Filled::Data);
                 }
                 _ => {
@@ -226,27 +221,17 @@ impl Wire {
         Ok(())
     }
 
-    /// Whether request `id` was aborted (or the web server left) since the last look, reading
-    /// only what has already arrived. Other records are kept for later, in order, up to
-    /// `PENDING_LIMIT` of them: a body nobody reads does not pile up in memory, it waits in the
+    /// Whether the running request was aborted (or the web server left) since the last look,
+    /// reading only what has already arrived. Its body is kept for later, in order, up to
+    /// `PENDING_LIMIT` pieces: a body nobody reads does not pile up in memory, it waits in the
     /// socket (and an abort behind it is seen once the body is drained).
-    fn aborted_since(&mut self, id: u16) -> bool {
+    fn aborted_since(&mut self) -> bool {
         const PENDING_LIMIT: usize = 8;
         let mut aborted = false;
         while self.pending.len() < PENDING_LIMIT {
-            match RecordDecoder.decode(&mut self.buf) {
-                Ok(Some(Record::AbortRequest { request_id })) if request_id == id => aborted = true,
-                Ok(Some(Record::BeginRequest { request_id, .. })) if request_id != id => {
-                    if self.refuse_second(request_id).is_err() {
-                        return true;
-                    }
-                }
-                Ok(Some(other @ (Record::GetValues { .. } | Record::Unknown { .. }))) => {
-                    if self.answer_management(&other).is_err() {
-                        return true;
-                    }
-                }
-                Ok(Some(other)) => self.pending.push_back(other),
+            match self.decoded() {
+                Ok(Some(Event::Aborted)) => aborted = true,
+                Ok(Some(event)) => self.pending.push_back(event),
                 Ok(None) => match self.fill(false) {
                     Ok(Filled::Data) => {}
                     Ok(Filled::TimedOut) => break,
@@ -256,46 +241,6 @@ impl Wire {
             }
         }
         aborted
-    }
-
-    /// Answers the management records a web server may send at any time; false for others.
-    fn answer_management(&mut self, record: &Record) -> io::Result<bool> {
-        let mut reply = BytesMut::new();
-        match record {
-            Record::GetValues { content } => {
-                let asked = protocol::decode_name_values(content, &self.limits).unwrap_or_default();
-                let Advertised {
-                    max_conns,
-                    max_reqs,
-                } = self.advertised;
-                encode_values_answer(&mut reply, &asked, max_conns, max_reqs);
-            }
-            Record::Unknown { record_type, .. } => {
-                tracing::warn!(
-                    record_type,
-                    "unknown FastCGI record type; answered FCGI_UNKNOWN_TYPE"
-                );
-                protocol::encode_unknown_type(&mut reply, *record_type);
-            }
-            _ => return Ok(false),
-        }
-        self.write_all(&reply)?;
-        Ok(true)
-    }
-
-    /// A BEGIN_REQUEST while a request runs: IIS never sends one; refuse it as the spec says.
-    fn refuse_second(&mut self, request_id: u16) -> io::Result<()> {
-        tracing::warn!(
-            request_id,
-            "second request on a busy connection: FCGI_CANT_MPX_CONN"
-        );
-        self.end_request(request_id, ProtocolStatus::CantMpxConn)
-    }
-
-    fn end_request(&mut self, request_id: u16, status: ProtocolStatus) -> io::Result<()> {
-        let mut reply = BytesMut::new();
-        protocol::encode_end_request(&mut reply, request_id, 0, status);
-        self.write_all(&reply)
     }
 }
 
@@ -337,29 +282,22 @@ enum Parking {
     FirstRequest,
     /// Between requests on a kept connection: only a request already there is served.
     NextRequest,
+    /// Given back: no request to serve now (a head that stalled, or a body still arriving).
     Parked,
-    /// Answered without FCGI_KEEP_CONN, its body still arriving: given back to be drained and
-    /// closed.
-    ParkedDraining,
 }
 
-/// A connection given back by a worker, or accepted by the I/O thread itself (`fresh`).
+/// A connection handed between a worker and the I/O thread: the socket and its session, as
+/// far as it got.
 pub struct ParkedConnection {
     pub socket: Socket,
-    pub handover: Handover,
+    pub session: Session,
 }
 
 /// Reads requests from the IIS stream, or from a connection a worker accepted.
 pub struct Driver {
     wire: Arc<Mutex<Wire>>,
     shutdown: Shutdown,
-    /// The last request did not set FCGI_KEEP_CONN.
-    close: bool,
     parking: Parking,
-    /// The request served last.
-    request_id: u16,
-    /// What `finish` hands over with the socket.
-    buffered: Bytes,
 }
 
 impl Driver {
@@ -367,73 +305,55 @@ impl Driver {
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
         socket.set_nonblocking(false)?;
         let buf = BytesMut::with_capacity(READ_CHUNK);
-        Driver::with(socket, shutdown, IIS_STREAM, Parking::Never, buf, None)
+        let session = Session::new(ParamLimits::default(), IIS_STREAM, buf);
+        let connection = ParkedConnection { socket, session };
+        Driver::with(connection, shutdown, Parking::Never, None)
     }
 
-    /// A connection just accepted from a listening socket (blocking, as accept(2) returns it
-    /// on Linux), read into `buf` (the worker's, from its last connection: a fresh 64 KiB
-    /// buffer per connection cost a heap grow and trim, and their page faults, every time);
-    /// `finish` gives both back.
+    /// A connection a worker accepted (blocking, as accept(2) returns it on Linux), or one the
+    /// I/O thread gives back; `finish` gives it back when it has no request to serve.
     pub fn accepted(
-        socket: Socket,
+        connection: ParkedConnection,
         shutdown: Shutdown,
-        advertised: Advertised,
         send_timeout: Option<Duration>,
-        buf: BytesMut,
     ) -> io::Result<Driver> {
-        let parking = Parking::FirstRequest;
-        Driver::with(socket, shutdown, advertised, parking, buf, send_timeout)
+        Driver::with(connection, shutdown, Parking::FirstRequest, send_timeout)
     }
 
     fn with(
-        socket: Socket,
+        connection: ParkedConnection,
         shutdown: Shutdown,
-        advertised: Advertised,
         parking: Parking,
-        buf: BytesMut,
         send_timeout: Option<Duration>,
     ) -> io::Result<Driver> {
+        let ParkedConnection { socket, session } = connection;
         socket.set_read_timeout(Some(POLL))?;
         Ok(Driver {
             wire: Arc::new(Mutex::new(Wire {
                 socket: Some(socket),
-                buf,
+                session,
                 pending: VecDeque::new(),
-                limits: ParamLimits::default(),
-                advertised,
                 send_timeout,
-                body_ended: false,
             })),
             shutdown,
-            close: false,
             parking,
-            request_id: 0,
-            buffered: Bytes::new(),
         })
     }
 
     /// Ends the driver: the connection, if `next_job` ended because it had no request to
-    /// serve (and it is still open), and the read buffer, emptied, for the next connection.
-    pub fn finish(mut self) -> (Option<ParkedConnection>, BytesMut) {
+    /// serve (and it is still open), else the read buffer, emptied, for the next connection (a
+    /// fresh 64 KiB buffer per connection cost a heap grow and trim, and their page faults,
+    /// every time).
+    pub fn finish(self) -> (Option<ParkedConnection>, BytesMut) {
         let mut wire = lock(&self.wire);
-        let mut buf = std::mem::take(&mut wire.buf);
-        buf.clear();
-        let draining = match self.parking {
-            Parking::Parked => None,
-            Parking::ParkedDraining => Some(Draining {
-                request_id: self.request_id,
-                then_close: self.close,
-            }),
-            _ => return (None, buf),
-        };
-        let parked = wire.socket.take().map(|socket| ParkedConnection {
-            socket,
-            handover: Handover {
-                buffered: std::mem::take(&mut self.buffered),
-                draining,
-            },
-        });
-        (parked, buf)
+        let empty = Session::new(ParamLimits::default(), IIS_STREAM, BytesMut::new());
+        let session = std::mem::replace(&mut wire.session, empty);
+        match wire.socket.take() {
+            Some(socket) if self.parking == Parking::Parked => {
+                (Some(ParkedConnection { socket, session }), BytesMut::new())
+            }
+            _ => (None, session.into_buffer()),
+        }
     }
 
     /// The next request, once its parameters are complete; `None` when the stream ends, a
@@ -446,62 +366,48 @@ impl Driver {
         // still on its way, the I/O thread drains, so no worker waits on it (and closing before
         // would reset the connection under a web server still writing it).
         let parks = matches!(self.parking, Parking::NextRequest);
-        if parks && !wire.body_ended && !wire.drain_body_soon(self.request_id) {
-            // Part of a record may be here: it goes along.
-            self.buffered = wire.buf.split().freeze();
-            self.parking = Parking::ParkedDraining;
+        if parks && !wire.drain_body_soon() {
+            self.parking = Parking::Parked;
             return None;
         }
-        if self.close {
+        if wire.session.is_closing() {
             return None;
         }
-        let mut request: Option<(u16, bool, ParamsBuilder)> = None;
         // A head sent slowly, or a stream of records that starts no request, goes to the I/O
         // thread once this passes, so workers stay free for complete requests.
         let deadline = Instant::now() + HEAD_LIMIT;
         loop {
+            let started = wire.session.in_head();
             let wait_briefly = match self.parking {
-                Parking::Never | Parking::Parked | Parking::ParkedDraining => None,
-                _ if request.is_some() => Some(true),
+                Parking::Never | Parking::Parked => None,
+                _ if started => Some(true),
                 Parking::FirstRequest => Some(true),
                 // Part of the next request's first record is here: the rest is on its way.
-                Parking::NextRequest => Some(!wire.buf.is_empty()),
+                Parking::NextRequest => Some(wire.session.has_buffered()),
             };
             // A shutdown stops the wait for a request, never one half received.
-            let started = request.is_some();
             let stop = || !started && shutdown.reason().is_some();
             let next = match wait_briefly {
                 Some(_) if Instant::now() >= deadline => Ok(Soon::Quiet),
-                Some(wait) => wire.next_record_soon(wait, Some(deadline)),
+                Some(wait) => wire.next_event_soon(wait, Some(deadline)),
                 None => wire
-                    .next_record(&stop)
-                    .map(|record| record.map_or(Soon::End, Soon::Record)),
+                    .next_event(&stop)
+                    .map(|event| event.map_or(Soon::End, Soon::Event)),
             };
-            let record = match next {
-                Ok(Soon::Record(record)) => record,
+            match next {
+                Ok(Soon::Event(Event::Request { request_id, params })) => {
+                    if self.parking == Parking::FirstRequest {
+                        self.parking = Parking::NextRequest;
+                    }
+                    drop(wire);
+                    return Some(self.job(request_id, params));
+                }
+                // Before a request starts the session answers everything else itself.
+                Ok(Soon::Event(_)) => {}
                 // A request head that stalls, or takes longer than `HEAD_LIMIT`, goes to the I/O
-                // thread, encoded again as far as it came, so a client sending it slowly does
+                // thread with the session as far as it came, so a client sending it slowly does
                 // not hold a worker.
                 Ok(Soon::Quiet) => {
-                    let mut buffered = BytesMut::new();
-                    if let Some((request_id, keep_conn, params)) = &request {
-                        protocol::encode_begin_request(
-                            &mut buffered,
-                            *request_id,
-                            Role::Responder,
-                            *keep_conn,
-                        );
-                        let mut stream = BytesMut::new();
-                        params.replay(&mut stream);
-                        protocol::encode_stream(
-                            &mut buffered,
-                            protocol::RecordType::Params,
-                            *request_id,
-                            &stream,
-                        );
-                    }
-                    buffered.extend_from_slice(&wire.buf.split());
-                    self.buffered = buffered.freeze();
                     self.parking = Parking::Parked;
                     return None;
                 }
@@ -510,90 +416,6 @@ impl Driver {
                     tracing::warn!("connection closed: {e}");
                     return None;
                 }
-            };
-            let answered = match record {
-                Record::BeginRequest {
-                    request_id,
-                    role,
-                    keep_conn,
-                } => match &request {
-                    Some((id, ..)) if *id == request_id => {
-                        tracing::warn!(
-                            request_id,
-                            "duplicate FCGI_BEGIN_REQUEST for a running request ignored"
-                        );
-                        Ok(())
-                    }
-                    Some(_) => wire.refuse_second(request_id),
-                    None if role != Role::Responder => {
-                        tracing::warn!(
-                            request_id,
-                            ?role,
-                            "only the RESPONDER role is served: FCGI_UNKNOWN_ROLE"
-                        );
-                        wire.end_request(request_id, ProtocolStatus::UnknownRole)
-                    }
-                    None => {
-                        request = Some((request_id, keep_conn, ParamsBuilder::new(wire.limits)));
-                        Ok(())
-                    }
-                },
-                Record::Params {
-                    request_id,
-                    content,
-                } => match &mut request {
-                    Some((id, _, params)) if *id == request_id && !content.is_empty() => {
-                        if let Err(e) = params.push(&content) {
-                            tracing::warn!("connection closed: protocol error: {e}");
-                            return None;
-                        }
-                        Ok(())
-                    }
-                    Some((id, ..)) if *id == request_id => {
-                        let (request_id, keep_conn, params) = request.take()?;
-                        let params = match params.finish() {
-                            Ok(params) => params,
-                            Err(e) => {
-                                tracing::warn!("connection closed: protocol error: {e}");
-                                return None;
-                            }
-                        };
-                        self.close = !keep_conn;
-                        if self.parking == Parking::FirstRequest {
-                            self.parking = Parking::NextRequest;
-                        }
-                        wire.body_ended = false;
-                        self.request_id = request_id;
-                        drop(wire);
-                        return Some(self.job(request_id, params));
-                    }
-                    _ => Ok(()),
-                },
-                Record::AbortRequest { request_id } => match &request {
-                    Some((id, ..)) if *id == request_id => {
-                        tracing::info!(
-                            request_id,
-                            "request aborted by the web server before it started"
-                        );
-                        request = None;
-                        wire.end_request(request_id, ProtocolStatus::RequestComplete)
-                    }
-                    _ => Ok(()),
-                },
-                // The rest of a body nobody read, and strays, are dropped here.
-                Record::Stdin { .. } | Record::Data { .. } => Ok(()),
-                other => match wire.answer_management(&other) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => {
-                        tracing::warn!("ignoring a record only an application may send");
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                },
-            };
-            if let Err(e) = answered {
-                tracing::warn!("connection closed: {e}");
-                return None;
             }
         }
     }
@@ -620,15 +442,6 @@ impl Driver {
     }
 }
 
-impl ParkedConnection {
-    pub fn fresh(socket: Socket) -> ParkedConnection {
-        ParkedConnection {
-            socket,
-            handover: Handover::default(),
-        }
-    }
-}
-
 impl Drop for Driver {
     /// Closes the connection now, even if the application still holds a request object
     /// (which a reference cycle can keep alive until Python's next collection).
@@ -651,35 +464,21 @@ impl BodySource for DirectBody {
             return Ok(None);
         }
         let mut wire = lock(&self.wire);
-        loop {
-            match wire.next_record(&|| false) {
-                Ok(Some(Record::Stdin {
-                    request_id,
-                    content,
-                })) if request_id == self.request_id => {
-                    if content.is_empty() {
-                        self.done = true;
-                        wire.body_ended = true;
-                        return Ok(None);
-                    }
-                    return Ok(Some(content));
-                }
-                Ok(Some(Record::AbortRequest { request_id })) if request_id == self.request_id => {
-                    tracing::info!(request_id, "request aborted by the web server");
-                    self.aborted.store(true, Ordering::Release);
-                    return Err(BodyInterrupted);
-                }
-                Ok(Some(Record::BeginRequest { request_id, .. })) => {
-                    if wire.refuse_second(request_id).is_err() {
-                        return Err(BodyInterrupted);
-                    }
-                }
-                Ok(Some(other)) => {
-                    if wire.answer_management(&other).is_err() {
-                        return Err(BodyInterrupted);
-                    }
-                }
-                Ok(None) | Err(_) => return Err(BodyInterrupted),
+        if self.aborted.load(Ordering::Acquire) || wire.session.running() != Some(self.request_id) {
+            return Err(BodyInterrupted);
+        }
+        match wire.next_event(&|| false) {
+            Ok(Some(Event::Body(data))) => Ok(Some(data)),
+            Ok(Some(Event::BodyEnd)) => {
+                self.done = true;
+                Ok(None)
+            }
+            Ok(Some(Event::Aborted)) => {
+                self.aborted.store(true, Ordering::Release);
+                Err(BodyInterrupted)
+            }
+            Ok(Some(Event::Request { .. } | Event::Refused { .. })) | Ok(None) | Err(_) => {
+                Err(BodyInterrupted)
             }
         }
     }
@@ -701,22 +500,23 @@ impl OutputTarget for DirectOutput {
 
     fn send_blocking(&self, output: Output) -> Result<(), ResponseGone> {
         let mut wire = lock(&self.wire);
+        if wire.session.running() != Some(self.request_id) {
+            return Err(ResponseGone);
+        }
         match output {
             Output::Records(records) => {
-                if self.is_aborted() || wire.aborted_since(self.request_id) {
+                if self.is_aborted() || wire.aborted_since() {
                     self.aborted.store(true, Ordering::Release);
-                    tracing::info!(
-                        request_id = self.request_id,
-                        "request aborted by the web server"
-                    );
                     return Err(ResponseGone);
                 }
                 wire.write_all(&records).map_err(|_| ResponseGone)
             }
-            Output::End(_) if self.is_aborted() => wire
-                .end_request(self.request_id, ProtocolStatus::RequestComplete)
-                .map_err(|_| ResponseGone),
-            Output::End(records) => wire.write_all(&records).map_err(|_| ResponseGone),
+            Output::End(records) => {
+                // What was kept of its body is dropped with it.
+                wire.pending.clear();
+                let last = wire.session.end_response(records, self.is_aborted());
+                wire.write_all(&last).map_err(|_| ResponseGone)
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use crate::config::{self, AppConfig, ErrorDetail};
 use crate::connection::ServerContext;
 use crate::exchange::Job;
-use crate::protocol::ParamLimits;
+use crate::protocol::{Advertised, ParamLimits};
 use crate::python::{self, App, Deployment};
 use crate::server::Transport;
 use crate::watcher::{self, WatchSettings};
@@ -172,16 +172,17 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     } else {
         (MAX_CONNECTIONS, MAX_CONNECTIONS)
     };
+    let advertised = Advertised {
+        max_conns,
+        max_reqs,
+    };
     // On Linux idle workers accept connections themselves (acceptor.rs).
     #[cfg(target_os = "linux")]
     let (transport, jobs, acceptor) = crate::acceptor::share(
         transport,
         jobs,
         allowed_peers.clone(),
-        crate::direct::Advertised {
-            max_conns,
-            max_reqs,
-        },
+        advertised,
         !options.supervised,
         send_timeout,
     )
@@ -189,8 +190,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let context = Arc::new(ServerContext {
         jobs,
         param_limits: ParamLimits::default(),
-        max_conns,
-        max_reqs,
+        advertised,
         allowed_peers,
         idle_timeout,
         send_timeout,

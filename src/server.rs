@@ -20,9 +20,10 @@ use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::task::JoinSet;
 
-use crate::connection::{Connection, Handover, ServerContext};
+use crate::connection::{Connection, ServerContext};
 #[cfg(target_os = "linux")]
 use crate::direct::ParkedConnection;
+use crate::protocol::Session;
 use crate::shutdown::{Reason, Shutdown, Trigger};
 
 /// Where requests come from. Holds plain sockets until the runtime takes them over.
@@ -195,9 +196,8 @@ pub async fn run(
         Transport::Stream(socket) => {
             match adopt_stream(socket) {
                 Ok(stream) => {
-                    stream
-                        .serve(context, trigger.subscribe(), Handover::default())
-                        .await
+                    let session = context.session();
+                    stream.serve(context, trigger.subscribe(), session).await
                 }
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
             }
@@ -208,7 +208,8 @@ pub async fn run(
         Transport::NamedPipe(pipe) => {
             match crate::windows::adopt_pipe(pipe) {
                 Ok(pipe) => {
-                    serve_connection(pipe, context, trigger.subscribe(), Handover::default()).await
+                    let session = context.session();
+                    serve_connection(pipe, context, trigger.subscribe(), session).await
                 }
                 Err(e) => tracing::error!("cannot use the IIS pipe: {e}"),
             }
@@ -280,7 +281,7 @@ async fn accept_loop(
     let mut accept_failing = false;
     loop {
         // At FCGI_MAX_CONNS, the next connection waits in the backlog for one to finish.
-        if connections.len() >= context.max_conns {
+        if connections.len() >= context.advertised.max_conns {
             tokio::select! {
                 _ = connections.join_next() => {}
                 _ = shutdown.started() => break,
@@ -295,7 +296,8 @@ async fn accept_loop(
                         tracing::warn!("connection from {peer} refused: not in FCGI_WEB_SERVER_ADDRS");
                         continue;
                     }
-                    connections.spawn(stream.serve(context.clone(), shutdown.clone(), Handover::default()));
+                    let session = context.session();
+                    connections.spawn(stream.serve(context.clone(), shutdown.clone(), session));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait instead of spinning, and log
@@ -338,18 +340,21 @@ async fn overflow_loop(
         {
             Ok(stream) => {
                 let shutdown = connection_shutdown.clone();
-                connections.spawn(stream.serve(context.clone(), shutdown, parked.handover));
+                connections.spawn(stream.serve(context.clone(), shutdown, parked.session));
             }
             Err(e) => tracing::warn!("cannot serve a connection: {e}"),
         };
-    let park = |connections: &mut JoinSet<()>, socket| match adopt_stream(socket) {
-        Ok(stream) => {
-            let (acceptor, context) = (acceptor.clone(), context.clone());
-            let shutdown = connection_shutdown.clone();
-            connections.spawn(stream.wait_for_request(acceptor, context, shutdown));
-        }
-        Err(e) => tracing::warn!("cannot park a connection: {e}"),
-    };
+    let park =
+        |connections: &mut JoinSet<()>, parked: ParkedConnection| match adopt_stream(parked.socket)
+        {
+            Ok(stream) => {
+                let (acceptor, context) = (acceptor.clone(), context.clone());
+                let shutdown = connection_shutdown.clone();
+                let session = parked.session;
+                connections.spawn(stream.wait_for_request(session, acceptor, context, shutdown));
+            }
+            Err(e) => tracing::warn!("cannot park a connection: {e}"),
+        };
     let mut connections = JoinSet::new();
     let mut tick = tokio::time::interval(OVERFLOW_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -359,18 +364,18 @@ async fn overflow_loop(
             Some(parked) = parked.recv() => {
                 // At FCGI_MAX_CONNS a quiet kept connection is closed; the web server reopens.
                 // Waiting for the next request is only for a connection with nothing pending.
-                let pending = &parked.handover;
-                if pending.draining.is_some() || !pending.buffered.is_empty() {
+                if !parked.session.is_quiet() {
                     serve(&mut connections, parked);
-                } else if connections.len() < context.max_conns {
-                    park(&mut connections, parked.socket);
+                } else if connections.len() < context.advertised.max_conns {
+                    park(&mut connections, parked);
                 }
             }
             _ = tick.tick() => {
                 if overflow && acceptor.stuck(&mut taken) {
-                    while connections.len() < context.max_conns {
+                    while connections.len() < context.advertised.max_conns {
                         let Ok(Some(socket)) = acceptor.accept() else { break };
-                        serve(&mut connections, ParkedConnection::fresh(socket));
+                        let session = context.session();
+                        serve(&mut connections, ParkedConnection { socket, session });
                     }
                 }
             }
@@ -456,6 +461,7 @@ impl Stream {
     #[cfg(target_os = "linux")]
     async fn wait_for_request(
         self,
+        session: Session,
         acceptor: Arc<crate::acceptor::Acceptor>,
         context: Arc<ServerContext>,
         mut shutdown: Shutdown,
@@ -482,12 +488,12 @@ impl Stream {
         };
         if arriving && acceptor.has_idle_worker() {
             match self.into_socket() {
-                Ok(socket) => acceptor.resume(socket),
+                Ok(socket) => acceptor.resume(ParkedConnection { socket, session }),
                 Err(e) => tracing::warn!("connection closed: {e}"),
             }
             return;
         }
-        self.serve(context, shutdown, Handover::default()).await
+        self.serve(context, shutdown, session).await
     }
 
     #[cfg(target_os = "linux")]
@@ -506,12 +512,12 @@ impl Stream {
         })
     }
 
-    /// Serves the connection, picking up where a worker left it.
-    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown, from: Handover) {
+    /// Serves the connection from where `session` is (a worker may have begun it).
+    async fn serve(self, context: Arc<ServerContext>, shutdown: Shutdown, session: Session) {
         match self {
-            Stream::Tcp(stream) => serve_connection(stream, context, shutdown, from).await,
+            Stream::Tcp(stream) => serve_connection(stream, context, shutdown, session).await,
             #[cfg(unix)]
-            Stream::Unix(stream) => serve_connection(stream, context, shutdown, from).await,
+            Stream::Unix(stream) => serve_connection(stream, context, shutdown, session).await,
         }
     }
 }
@@ -520,9 +526,9 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     context: Arc<ServerContext>,
     shutdown: Shutdown,
-    from: Handover,
+    session: Session,
 ) {
-    let mut connection = Connection::new(stream, context, shutdown).resume(from);
+    let mut connection = Connection::new(stream, session, context, shutdown);
     if let Err(e) = connection.run().await {
         tracing::warn!("connection closed: {e}");
     }
