@@ -9,13 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::config::{self, AppConfig, ErrorDetail};
-use crate::connection::ServerContext;
 use crate::exchange::Job;
 use crate::protocol::{Advertised, ParamLimits};
 use crate::python::{self, App, Deployment};
-use crate::server::Transport;
+use crate::transport::connection::ServerContext;
+use crate::transport::queue;
+use crate::transport::server::Transport;
 use crate::watcher::{self, WatchSettings};
-use crate::{exchange, logging, shutdown, worker};
+use crate::{exchange, logging, shutdown};
 
 /// Connections served at once in the listening modes (more wait in the backlog), as
 /// GET_VALUES reports it.
@@ -118,7 +119,7 @@ impl Site {
             Err(_) => (Some(config::DEFAULT_RESTART_REGEX.to_owned()), None),
         };
         #[cfg(unix)]
-        let can_restart = in_place.then_some(crate::server::can_reexec as fn() -> _);
+        let can_restart = in_place.then_some(crate::transport::server::can_reexec as fn() -> _);
         #[cfg(not(unix))]
         let can_restart = {
             let _ = in_place;
@@ -166,7 +167,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let idle_timeout = listening.map_or(Ok(None), AppConfig::idle_timeout)?;
     let send_timeout = listening.map_or(Ok(None), AppConfig::send_timeout)?;
     let header_timeout = listening.map_or(Ok(None), AppConfig::header_timeout)?;
-    let (jobs, job_receiver) = worker::queue(queue_length);
+    let (jobs, job_receiver) = queue::bounded(queue_length);
     let (max_conns, max_reqs) = if iis_stream {
         (1, 1)
     } else {
@@ -178,7 +179,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     };
     // On Linux idle workers accept connections themselves (acceptor.rs).
     #[cfg(target_os = "linux")]
-    let (transport, jobs, acceptor) = crate::acceptor::share(
+    let (transport, jobs, acceptor) = crate::transport::server::share(
         transport,
         jobs,
         allowed_peers.clone(),
@@ -207,7 +208,13 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let server_trigger = trigger.clone();
     let server = std::thread::Builder::new()
         .name("wfastcgi-io".into())
-        .spawn(move || runtime.block_on(crate::server::run(transport, context, server_trigger)))
+        .spawn(move || {
+            runtime.block_on(crate::transport::server::run(
+                transport,
+                context,
+                server_trigger,
+            ))
+        })
         .context("cannot start the I/O thread")?;
 
     let mut next = || job_receiver.recv().ok();
@@ -257,9 +264,9 @@ fn serve_direct(
     options: &Options,
     trigger: shutdown::Trigger,
 ) -> Result<()> {
-    crate::server::spawn_guard(trigger.clone())?;
-    let mut driver =
-        crate::direct::Driver::new(socket, trigger.subscribe()).context("cannot use fd 0")?;
+    crate::transport::server::spawn_guard(trigger.clone())?;
+    let mut driver = crate::transport::direct::Driver::new(socket, trigger.subscribe())
+        .context("cannot use fd 0")?;
     let mut next = || driver.next_job();
     let (site, first_job) = match eager_site {
         Some(site) => (Some(site), None),
@@ -327,7 +334,7 @@ fn finish(
         Some(listener) => {
             tracing::info!("restarting: the listening socket stays open across the restart");
             logging::flush();
-            let error = crate::server::reexec(listener, start_environment);
+            let error = crate::transport::server::reexec(listener, start_environment);
             Err(anyhow::anyhow!("cannot restart: {error}"))
         }
         _ => {
@@ -432,7 +439,7 @@ struct Feed<'a> {
     jobs: &'a crossbeam_channel::Receiver<Job>,
     /// On Linux, connections the workers accept themselves.
     #[cfg(target_os = "linux")]
-    acceptor: Option<&'a crate::acceptor::Acceptor>,
+    acceptor: Option<&'a crate::transport::acceptor::Acceptor>,
     #[cfg(target_os = "linux")]
     shutdown: shutdown::Shutdown,
 }
@@ -442,7 +449,11 @@ impl Feed<'_> {
     fn work(&self, state: &AppState, first_job: Option<Job>) {
         #[cfg(target_os = "linux")]
         if let Some(acceptor) = self.acceptor {
-            match crate::acceptor::WorkerSource::new(acceptor, self.jobs, self.shutdown.clone()) {
+            match crate::transport::acceptor::WorkerSource::new(
+                acceptor,
+                self.jobs,
+                self.shutdown.clone(),
+            ) {
                 Ok(mut source) => return work(state, first_job, &mut || source.next_job()),
                 Err(e) => tracing::error!(
                     "cannot wait for connections ({e}): this worker serves the queue only"
