@@ -66,6 +66,7 @@ impl JobQueue {
 #[derive(Debug)]
 pub struct Doorbell(OwnedFd);
 
+#[cfg(target_os = "linux")]
 impl Doorbell {
     pub fn new(flags: EventfdFlags) -> io::Result<Doorbell> {
         Ok(Doorbell(eventfd(

@@ -23,8 +23,11 @@ use tokio::task::JoinSet;
 use super::connection::{Connection, ServerContext};
 #[cfg(target_os = "linux")]
 use super::direct::ParkedConnection;
+#[cfg(target_os = "linux")]
 use super::queue::JobQueue;
-use crate::protocol::{Advertised, Session};
+#[cfg(target_os = "linux")]
+use crate::protocol::Advertised;
+use crate::protocol::Session;
 use crate::shutdown::{Reason, Shutdown, Trigger};
 
 /// Where requests come from. Holds plain sockets until the runtime takes them over.
