@@ -162,7 +162,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 read = self.stream.read_buf(self.session.read_buf()), if reading => {
                     if read? == 0 {
                         self.session.end_of_stream()?;
-                        self.on_peer_closed();
+                        self.peer_closed = true;
+                        // The body can never complete; wsgi.input reports the interruption.
+                        self.stop_feeding_body();
                     }
                     let buf = self.session.read_buf();
                     let needed = RecordDecoder::bytes_needed(buf);
@@ -239,8 +241,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if let Some(running) = &mut self.running {
                         running.handles.abort();
                         // Closing the body channel wakes an application blocked on wsgi.input.
-                        running.body = None;
-                        running.pending_body = None;
+                        self.stop_feeding_body();
                     }
                 }
                 Event::Refused { request_id } => {
@@ -312,17 +313,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if let Some(running) = &mut self.running {
             running.body = None;
             running.pending_body = None;
-        }
-    }
-
-    fn on_peer_closed(&mut self) {
-        self.peer_closed = true;
-        if let Some(running) = &mut self.running {
-            if running.body.is_some() {
-                // The body can never complete; wsgi.input reports the interruption.
-                running.body = None;
-                running.pending_body = None;
-            }
         }
     }
 

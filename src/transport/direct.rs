@@ -56,6 +56,17 @@ struct Wire {
     send_timeout: Option<Duration>,
 }
 
+/// How `Wire::next_event` waits for more bytes.
+#[derive(Clone, Copy)]
+enum Wait<'a> {
+    /// As long as it takes, unless `stop` says so while nothing arrives.
+    Until(&'a dyn Fn() -> bool),
+    /// On a connection that is parked rather than waited on: one `POLL` (`true`) or not at
+    /// all, and not past the deadline. A shutdown does not cut this short: a request already
+    /// on its way is served, as the tokio connection lingers for it.
+    Briefly(bool, Option<Instant>),
+}
+
 enum Soon {
     Event(Event),
     /// Nothing has arrived: park the connection.
@@ -79,38 +90,9 @@ impl Wire {
         Ok(event?)
     }
 
-    /// The next event, or `None` at the end of the stream, or when `stop` says so while
-    /// nothing is arriving.
-    fn next_event(&mut self, stop: &dyn Fn() -> bool) -> Result<Option<Event>, ConnectionError> {
-        if let Some(event) = self.pending.pop_front() {
-            return Ok(Some(event));
-        }
-        loop {
-            if let Some(event) = self.decoded()? {
-                return Ok(Some(event));
-            }
-            if stop() {
-                return Ok(None);
-            }
-            match self.fill(true)? {
-                Filled::Data | Filled::TimedOut => {}
-                Filled::End => {
-                    self.session.end_of_stream()?;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
-    /// Like `next_event`, on a connection that is parked rather than waited on: waits one
-    /// `POLL` (`wait`) or not at all for more bytes; `Quiet` when none came. A shutdown does not
-    /// cut this short: a request already on its way is served, as the tokio connection lingers
-    /// for it.
-    fn next_event_soon(
-        &mut self,
-        wait: bool,
-        deadline: Option<Instant>,
-    ) -> Result<Soon, ConnectionError> {
+    /// The next event; `End` at the end of the stream, or when `Until`'s `stop` says so while
+    /// nothing is arriving; `Quiet` when `Briefly` got nothing more in time.
+    fn next_event(&mut self, wait: Wait) -> Result<Soon, ConnectionError> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(Soon::Event(event));
@@ -118,17 +100,22 @@ impl Wire {
             if let Some(event) = self.decoded()? {
                 return Ok(Soon::Event(event));
             }
-            match self.fill(wait)? {
-                // A record trickling in byte by byte never times a read out.
-                Filled::Data if deadline.is_some_and(|at| Instant::now() >= at) => {
-                    return Ok(Soon::Quiet)
-                }
-                Filled::Data => {}
-                Filled::TimedOut => return Ok(Soon::Quiet),
-                Filled::End => {
+            let filled = match wait {
+                Wait::Until(stop) if stop() => return Ok(Soon::End),
+                Wait::Until(_) => self.fill(true)?,
+                Wait::Briefly(wait, _) => self.fill(wait)?,
+            };
+            match (filled, wait) {
+                (Filled::End, _) => {
                     self.session.end_of_stream()?;
                     return Ok(Soon::End);
                 }
+                (Filled::TimedOut, Wait::Briefly(..)) => return Ok(Soon::Quiet),
+                // A record trickling in byte by byte never times a read out.
+                (Filled::Data, Wait::Briefly(_, Some(at))) if Instant::now() >= at => {
+                    return Ok(Soon::Quiet)
+                }
+                _ => {}
             }
         }
     }
@@ -136,22 +123,17 @@ impl Wire {
     /// Reads, without waiting, what is left of the last request's body; whether its end came
     /// (or the connection's). What follows it is kept for later.
     fn drain_body_soon(&mut self) -> bool {
-        while self.session.is_draining() {
-            match self.decoded() {
-                Ok(Some(event)) => {
-                    self.pending.push_back(event);
-                    return true;
-                }
-                Ok(None) if !self.session.is_draining() => return true,
-                Ok(None) => match self.fill(false) {
-                    Ok(Filled::Data) => {}
-                    Ok(Filled::TimedOut) => return false,
-                    Ok(Filled::End) | Err(_) => return true,
-                },
-                Err(_) => return true,
-            }
+        if !self.session.is_draining() {
+            return true;
         }
-        true
+        match self.next_event(Wait::Briefly(false, None)) {
+            Ok(Soon::Event(event)) => {
+                self.pending.push_back(event);
+                true
+            }
+            Ok(Soon::Quiet) => !self.session.is_draining(),
+            Ok(Soon::End) | Err(_) => true,
+        }
     }
 
     /// Reads what is there. With `wait`, blocks until something arrives or the socket's
@@ -390,10 +372,8 @@ impl Driver {
             let stop = || !started && shutdown.reason().is_some();
             let next = match wait_briefly {
                 Some(_) if Instant::now() >= deadline => Ok(Soon::Quiet),
-                Some(wait) => wire.next_event_soon(wait, Some(deadline)),
-                None => wire
-                    .next_event(&stop)
-                    .map(|event| event.map_or(Soon::End, Soon::Event)),
+                Some(wait) => wire.next_event(Wait::Briefly(wait, Some(deadline))),
+                None => wire.next_event(Wait::Until(&stop)),
             };
             match next {
                 Ok(Soon::Event(Event::Request { request_id, params })) => {
@@ -468,19 +448,17 @@ impl BodySource for DirectBody {
         if self.aborted.load(Ordering::Acquire) || wire.session.running() != Some(self.request_id) {
             return Err(BodyInterrupted);
         }
-        match wire.next_event(&|| false) {
-            Ok(Some(Event::Body(data))) => Ok(Some(data)),
-            Ok(Some(Event::BodyEnd)) => {
+        match wire.next_event(Wait::Until(&|| false)) {
+            Ok(Soon::Event(Event::Body(data))) => Ok(Some(data)),
+            Ok(Soon::Event(Event::BodyEnd)) => {
                 self.done = true;
                 Ok(None)
             }
-            Ok(Some(Event::Aborted)) => {
+            Ok(Soon::Event(Event::Aborted)) => {
                 self.aborted.store(true, Ordering::Release);
                 Err(BodyInterrupted)
             }
-            Ok(Some(Event::Request { .. } | Event::Refused { .. })) | Ok(None) | Err(_) => {
-                Err(BodyInterrupted)
-            }
+            _ => Err(BodyInterrupted),
         }
     }
 }
