@@ -16,11 +16,12 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, Context, Result};
 
-use wfastcgi::connection::ServerContext;
 use wfastcgi::exchange::{simple_response, Job, Output, ResponseEncoder};
-use wfastcgi::protocol::ParamLimits;
-use wfastcgi::server::{run, Transport};
-use wfastcgi::{shutdown, worker};
+use wfastcgi::protocol::{Advertised, ParamLimits};
+use wfastcgi::shutdown;
+use wfastcgi::transport::connection::ServerContext;
+use wfastcgi::transport::queue;
+use wfastcgi::transport::server::{run, Transport};
 
 /// As in the gateway: requests waiting beyond the one being answered; more get a 503.
 const QUEUE_CAPACITY: usize = 64;
@@ -48,9 +49,9 @@ fn main() -> Result<()> {
 #[cfg(unix)]
 fn serve_stream(socket: socket2::Socket) -> Result<()> {
     let (trigger, _) = shutdown::channel();
-    wfastcgi::server::spawn_guard(trigger.clone())?;
-    let mut driver =
-        wfastcgi::direct::Driver::new(socket, trigger.subscribe()).context("cannot use fd 0")?;
+    wfastcgi::transport::server::spawn_guard(trigger.clone())?;
+    let mut driver = wfastcgi::transport::direct::Driver::new(socket, trigger.subscribe())
+        .context("cannot use fd 0")?;
     while let Some(job) = driver.next_job() {
         answer(job);
     }
@@ -65,25 +66,19 @@ fn serve_queued(transport: Transport) -> Result<()> {
     } else {
         (MAX_CONNECTIONS, MAX_CONNECTIONS)
     };
-    let (jobs, job_receiver) = worker::queue(QUEUE_CAPACITY);
+    let advertised = Advertised {
+        max_conns,
+        max_reqs,
+    };
+    let (jobs, job_receiver) = queue::bounded(QUEUE_CAPACITY);
     let (trigger, _) = shutdown::channel();
     #[cfg(target_os = "linux")]
-    let (transport, jobs, acceptor) = wfastcgi::acceptor::share(
-        transport,
-        jobs,
-        None,
-        wfastcgi::direct::Advertised {
-            max_conns,
-            max_reqs,
-        },
-        true,
-        None,
-    )?;
+    let (transport, jobs, acceptor) =
+        wfastcgi::transport::server::share(transport, jobs, None, advertised, true, None)?;
     let context = Arc::new(ServerContext {
         jobs,
         param_limits: ParamLimits::default(),
-        max_conns,
-        max_reqs,
+        advertised,
         allowed_peers: None,
         idle_timeout: None,
         send_timeout: None,
@@ -105,7 +100,8 @@ fn serve_queued(transport: Transport) -> Result<()> {
 
     #[cfg(target_os = "linux")]
     if let Some(acceptor) = acceptor {
-        let mut source = wfastcgi::acceptor::WorkerSource::new(&acceptor, &job_receiver, shutdown)?;
+        let mut source =
+            wfastcgi::transport::acceptor::WorkerSource::new(&acceptor, &job_receiver, shutdown)?;
         while let Some(job) = source.next_job() {
             answer(job);
         }

@@ -9,13 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use crate::config::{self, AppConfig, ErrorDetail};
-use crate::connection::ServerContext;
 use crate::exchange::Job;
-use crate::protocol::ParamLimits;
+use crate::protocol::{Advertised, ParamLimits};
 use crate::python::{self, App, Deployment};
-use crate::server::Transport;
+use crate::transport::connection::ServerContext;
+use crate::transport::queue;
+use crate::transport::server::Transport;
 use crate::watcher::{self, WatchSettings};
-use crate::{exchange, logging, ops, shutdown, worker};
+use crate::{exchange, logging, ops, shutdown};
 
 /// Connections served at once in the listening modes (more wait in the backlog), as
 /// GET_VALUES reports it.
@@ -120,7 +121,7 @@ impl Site {
             Err(_) => (Some(config::DEFAULT_RESTART_REGEX.to_owned()), None),
         };
         #[cfg(unix)]
-        let can_restart = in_place.then_some(crate::server::can_reexec as fn() -> _);
+        let can_restart = in_place.then_some(crate::transport::server::can_reexec as fn() -> _);
         #[cfg(not(unix))]
         let can_restart = {
             let _ = in_place;
@@ -139,7 +140,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     // Before web.config settings go into it (Python's os.environ): an in-place restart starts
     // from this, so it sees web.config as it is then, as a fresh process would.
     #[cfg(unix)]
-    crate::server::keep_start_environment();
+    crate::transport::server::keep_start_environment();
     let iis_stream = transport.is_stream();
     // Under IIS the app folder is the first request's APPL_PHYSICAL_PATH, so Python starts
     // then; otherwise it starts now, so a broken set-up fails before the first request.
@@ -169,7 +170,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let idle_timeout = listening.map_or(Ok(None), AppConfig::idle_timeout)?;
     let send_timeout = listening.map_or(Ok(None), AppConfig::send_timeout)?;
     let header_timeout = listening.map_or(Ok(None), AppConfig::header_timeout)?;
-    let (jobs, job_receiver) = worker::queue(queue_length);
+    let (jobs, job_receiver) = queue::bounded(queue_length);
     let waiting = job_receiver.clone();
     ops::metrics::set_queue_length(move || waiting.len());
     let (max_conns, max_reqs) = if iis_stream {
@@ -177,16 +178,17 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     } else {
         (MAX_CONNECTIONS, MAX_CONNECTIONS)
     };
+    let advertised = Advertised {
+        max_conns,
+        max_reqs,
+    };
     // On Linux idle workers accept connections themselves (acceptor.rs).
     #[cfg(target_os = "linux")]
-    let (transport, jobs, acceptor) = crate::acceptor::share(
+    let (transport, jobs, acceptor) = crate::transport::server::share(
         transport,
         jobs,
         allowed_peers.clone(),
-        crate::direct::Advertised {
-            max_conns,
-            max_reqs,
-        },
+        advertised,
         !options.supervised,
         send_timeout,
     )
@@ -194,8 +196,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let context = Arc::new(ServerContext {
         jobs,
         param_limits: ParamLimits::default(),
-        max_conns,
-        max_reqs,
+        advertised,
         allowed_peers,
         idle_timeout,
         send_timeout,
@@ -213,7 +214,11 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let server = std::thread::Builder::new()
         .name("wfastcgi-io".into())
         .spawn(move || {
-            let listener = runtime.block_on(crate::server::run(transport, context, server_trigger));
+            let listener = runtime.block_on(crate::transport::server::run(
+                transport,
+                context,
+                server_trigger,
+            ));
             ops::io_finished(listener);
         })
         .context("cannot start the I/O thread")?;
@@ -268,9 +273,9 @@ fn serve_direct(
     options: &Options,
     trigger: shutdown::Trigger,
 ) -> Result<()> {
-    crate::server::spawn_guard(trigger.clone())?;
-    let mut driver =
-        crate::direct::Driver::new(socket, trigger.subscribe()).context("cannot use fd 0")?;
+    crate::transport::server::spawn_guard(trigger.clone())?;
+    let mut driver = crate::transport::direct::Driver::new(socket, trigger.subscribe())
+        .context("cannot use fd 0")?;
     let mut next = || driver.next_job();
     let (site, first_job) = match eager_site {
         Some(site) => (Some(site), None),
@@ -352,7 +357,7 @@ fn finish() -> Result<()> {
         Some(listener) => {
             tracing::info!("restarting: the listening socket stays open across the restart");
             logging::flush();
-            let error = crate::server::reexec(listener);
+            let error = crate::transport::server::reexec(listener);
             Err(anyhow::anyhow!("cannot restart: {error}"))
         }
         _ => {
@@ -468,7 +473,7 @@ struct Feed<'a> {
     jobs: &'a crossbeam_channel::Receiver<Job>,
     /// On Linux, connections the workers accept themselves.
     #[cfg(target_os = "linux")]
-    acceptor: Option<&'a crate::acceptor::Acceptor>,
+    acceptor: Option<&'a crate::transport::acceptor::Acceptor>,
     #[cfg(target_os = "linux")]
     shutdown: shutdown::Shutdown,
 }
@@ -478,7 +483,11 @@ impl Feed<'_> {
     fn work(&self, state: &AppState, first_job: Option<Job>) {
         #[cfg(target_os = "linux")]
         if let Some(acceptor) = self.acceptor {
-            match crate::acceptor::WorkerSource::new(acceptor, self.jobs, self.shutdown.clone()) {
+            match crate::transport::acceptor::WorkerSource::new(
+                acceptor,
+                self.jobs,
+                self.shutdown.clone(),
+            ) {
                 Ok(mut source) => return work(state, first_job, &mut || source.next_job()),
                 Err(e) => tracing::error!(
                     "cannot wait for connections ({e}): this worker serves the queue only"

@@ -27,13 +27,8 @@ pub fn write_stdout_line(line: std::fmt::Arguments<'_>) {
     }
 }
 
-#[cfg(target_os = "linux")]
-pub mod acceptor;
 pub mod check;
 pub mod config;
-pub mod connection;
-#[cfg(unix)]
-pub mod direct;
 pub mod exchange;
 pub mod gateway;
 pub mod iis;
@@ -43,11 +38,10 @@ pub mod properties;
 pub mod protocol;
 pub mod python;
 pub mod routing;
-pub mod server;
 pub mod shutdown;
 #[cfg(unix)]
 pub mod supervisor;
+pub mod transport;
 pub mod watcher;
 #[cfg(windows)]
 mod windows;
-pub mod worker;

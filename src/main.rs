@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use wfastcgi::gateway::{self, Options};
-use wfastcgi::server::{StdinError, Transport};
 #[cfg(unix)]
 use wfastcgi::supervisor;
+use wfastcgi::transport::server::{StdinError, Transport};
 use wfastcgi::{iis, logging};
 
 /// A FastCGI-to-WSGI gateway for IIS, nginx, Apache and lighttpd that embeds CPython.

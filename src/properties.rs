@@ -4,7 +4,9 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::protocol::{self, ParamLimits, Params, ParamsBuilder, Record, RecordDecoder};
+use crate::protocol::{
+    self, Advertised, Event, ParamLimits, Params, ParamsBuilder, Record, RecordDecoder, Session,
+};
 use crate::routing::{self, RouteSettings};
 
 /// Small limits, so the fuzzer reaches them.
@@ -74,6 +76,69 @@ fn decode_all(stream: &[u8], step: usize) -> Vec<Result<Record, String>> {
         records.push(Err(e.to_string()));
     }
     records
+}
+
+/// A connection's session fed `data` in pieces whose sizes come from the data itself, with a
+/// driver that answers each request when its body ends (or at once, every other request, so
+/// bodies are drained) and stops taking requests after a few: it never panics, and the events,
+/// the replies and the error that ends the stream are the same however the stream is split.
+pub fn session(data: &[u8]) {
+    let Some((&seed, stream)) = data.split_first() else {
+        return;
+    };
+    let whole = run_session(seed, stream, stream.len().max(1));
+    let split = run_session(seed, stream, usize::from(seed % 17) + 1);
+    assert_eq!(
+        whole, split,
+        "the session depends on how the stream is split"
+    );
+}
+
+/// What a session did: its events, then its replies, then the error if one ended the stream.
+fn run_session(seed: u8, stream: &[u8], step: usize) -> (Vec<String>, Vec<u8>, Option<String>) {
+    let advertised = Advertised {
+        max_conns: 1,
+        max_reqs: 1,
+    };
+    let mut session = Session::new(LIMITS, advertised, BytesMut::new());
+    let (mut events, mut replies) = (Vec::new(), Vec::new());
+    let mut requests = 0;
+    let now = std::time::Instant::now();
+    for piece in stream.chunks(step) {
+        session.read_buf().extend_from_slice(piece);
+        let _ = session.head_deadline(now, std::time::Duration::from_secs(1));
+        loop {
+            let event = session.next_event();
+            replies.extend(session.take_replies().unwrap_or_default());
+            let event = match event {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(e) => return (events, replies, Some(e.to_string())),
+            };
+            match &event {
+                Event::Request { .. } => {
+                    requests += 1;
+                    if requests % 2 == 0 {
+                        replies.extend(session.end_response(Bytes::from_static(b"early"), false));
+                    }
+                    session.set_accepting(requests < usize::from(seed % 4) + 1);
+                }
+                Event::BodyEnd | Event::Aborted => {
+                    let aborted = event == Event::Aborted;
+                    replies.extend(session.end_response(Bytes::from_static(b"last"), aborted));
+                }
+                Event::Refused { .. } => session.response_ended(),
+                Event::Body(_) => {}
+            }
+            events.push(format!("{event:?}"));
+        }
+        assert!(
+            session.read_buf().len() <= protocol::HEADER_LEN + 65535 + 255,
+            "more than one record held"
+        );
+    }
+    let end = session.end_of_stream().err().map(|e| e.to_string());
+    (events, replies, end)
 }
 
 /// Name-value pairs: decoding never panics, stays within the limits, does not depend on how

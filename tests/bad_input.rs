@@ -159,6 +159,37 @@ fn stray_records_are_ignored_and_logged() {
     );
 }
 
+/// The matrix's duplicate BEGIN row while the application reads the body: IIS's stream (the
+/// blocking driver) ignores it as a listening connection does; it used to refuse request 1 with
+/// CANT_MPX_CONN, an END_REQUEST in the middle of its response.
+#[test]
+fn a_duplicate_begin_while_the_body_is_read_is_ignored() {
+    let app = AppDir::new("echo.app", &[]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let mut params = app.iis_params("POST", "/");
+    set_param(&mut params, "CONTENT_LENGTH", "10");
+    let mut bytes = begin(1);
+    bytes.extend(record(RecordType::Params, 1, &encoded_params(&params)));
+    bytes.extend(record(RecordType::Params, 1, b""));
+    bytes.extend(record(RecordType::Stdin, 1, b"01234"));
+    client.write_raw(&bytes);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut bytes = begin(1);
+    bytes.extend(record(RecordType::Stdin, 1, b"56789"));
+    bytes.extend(record(RecordType::Stdin, 1, b""));
+    client.write_raw(&bytes);
+    let response = client.read_response(1);
+    assert_eq!(
+        response.protocol_status,
+        ProtocolStatus::RequestComplete as u8
+    );
+    assert_eq!(response.json()["length"], 10);
+    assert!(app
+        .wait_for_log("duplicate")
+        .contains("duplicate FCGI_BEGIN_REQUEST for a running request ignored"));
+}
+
 #[test]
 fn aborts_before_during_and_after_the_body() {
     let app = AppDir::new("echo.app", &[]);

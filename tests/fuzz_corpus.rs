@@ -23,6 +23,11 @@ fn record_stream_corpus() {
 }
 
 #[test]
+fn session_corpus() {
+    replay("session", wfastcgi::properties::session);
+}
+
+#[test]
 fn name_values_corpus() {
     replay("name_values", wfastcgi::properties::name_values);
 }

@@ -162,7 +162,7 @@ fn exit_when_drained(ops: &Ops) {
         Some(listener) => {
             tracing::info!("restarting: the listening socket stays open across the restart");
             crate::logging::flush();
-            let error = crate::server::reexec(listener);
+            let error = crate::transport::server::reexec(listener);
             tracing::error!("cannot restart: {error}");
             crate::logging::flush();
             std::process::exit(1);

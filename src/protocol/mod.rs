@@ -13,6 +13,7 @@
 mod decoder;
 mod params;
 mod record;
+mod session;
 
 use std::fmt;
 
@@ -23,6 +24,7 @@ pub use record::{
     encode_get_values_result, encode_header, encode_record, encode_stream, encode_unknown_type,
     Record,
 };
+pub use session::{end_request, Advertised, Event, Session};
 
 /// The only protocol version there is.
 pub const VERSION_1: u8 = 1;

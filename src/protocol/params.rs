@@ -185,12 +185,6 @@ impl ParamsBuilder {
         Ok(())
     }
 
-    /// The stream so far, as received. Fed to another builder it leaves that builder where this
-    /// one is (for a request handed from one connection reader to another mid-parameters).
-    pub fn replay(&self, out: &mut BytesMut) {
-        out.extend_from_slice(&self.stream);
-    }
-
     /// Ends the stream, on its empty PARAMS record.
     pub fn finish(self) -> Result<Params, ProtocolError> {
         if self.scanned != self.stream.len() {
@@ -594,29 +588,5 @@ mod tests {
             decode_name_values(&four, &limits),
             Err(ProtocolError::TooManyParams { limit: 3 })
         );
-    }
-
-    #[test]
-    fn a_replayed_stream_continues_where_it_stopped() {
-        let pairs = sample();
-        let stream = encode_pairs(&as_slices(&pairs));
-        for cut in 0..=stream.len() {
-            let mut first = ParamsBuilder::new(roomy());
-            first.push(&stream[..cut]).unwrap();
-            let mut replayed = BytesMut::new();
-            first.replay(&mut replayed);
-            let mut second = ParamsBuilder::new(roomy());
-            if !replayed.is_empty() {
-                second.push(&replayed).unwrap();
-            }
-            if cut < stream.len() {
-                second.push(&stream[cut..]).unwrap();
-            }
-            assert_eq!(
-                second.finish().unwrap(),
-                params_of(&as_slices(&pairs)),
-                "cut at {cut}"
-            );
-        }
     }
 }
