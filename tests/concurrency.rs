@@ -60,17 +60,6 @@ fn a_full_queue_answers_503_at_once() {
         .contains("every worker is busy and the queue is full"));
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let output = Command::new("pgrep")
-        .args(["-P", &pid.to_string()])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 #[test]
 fn the_supervisor_replaces_a_killed_worker_and_restarts_on_sighup() {
     let app = AppDir::new("concurrency.sleepy", &[]);

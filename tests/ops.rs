@@ -17,17 +17,6 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn children(pid: u32) -> Vec<u32> {
-    let output = Command::new("pgrep")
-        .args(["-P", &pid.to_string()])
-        .output()
-        .expect("pgrep");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse().ok())
-        .collect()
-}
-
 /// `serve --processes 2` plus `args`, once both workers are ready.
 fn two_workers(app: &AppDir, args: &[&str]) -> Gateway {
     let mut all = vec!["--processes", "2"];

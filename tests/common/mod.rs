@@ -693,3 +693,15 @@ pub fn keep_requesting(
     });
     (ok, failed, handle)
 }
+
+/// The child processes of `pid` (a supervisor's workers), by `pgrep -P`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let output = std::process::Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
