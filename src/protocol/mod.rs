@@ -148,19 +148,6 @@ pub enum ProtocolStatus {
     UnknownRole = 3,
 }
 
-impl ProtocolStatus {
-    /// The status with this byte, if FastCGI 1.0 defines it.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::RequestComplete,
-            1 => Self::CantMpxConn,
-            2 => Self::Overloaded,
-            3 => Self::UnknownRole,
-            _ => return None,
-        })
-    }
-}
-
 /// A violation of the protocol or of the configured limits. None of these can be recovered from
 /// on the same connection, because the byte stream can no longer be trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,12 +199,10 @@ pub enum ProtocolError {
 impl fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Self::UnsupportedVersion(v) => {
-                write!(
-                    f,
-                    "unsupported FastCGI version {v} (only version {VERSION_1} exists)"
-                )
-            }
+            Self::UnsupportedVersion(v) => write!(
+                f,
+                "unsupported FastCGI version {v} (only version {VERSION_1} exists)"
+            ),
             Self::BadBodyLength { record_type, len } => {
                 let name = TypeName(record_type);
                 match RecordType::from_u8(record_type).and_then(RecordType::fixed_body_len) {
@@ -246,24 +231,18 @@ impl fmt::Display for ProtocolError {
                 TypeName(record_type)
             ),
             Self::NameValueTruncated => f.write_str("name-value data ends in the middle of a pair"),
-            Self::NameTooLong { len, limit } => {
-                write!(
-                    f,
-                    "parameter name of {len} bytes exceeds the limit of {limit}"
-                )
-            }
-            Self::ValueTooLong { len, limit } => {
-                write!(
-                    f,
-                    "parameter value of {len} bytes exceeds the limit of {limit}"
-                )
-            }
+            Self::NameTooLong { len, limit } => write!(
+                f,
+                "parameter name of {len} bytes exceeds the limit of {limit}"
+            ),
+            Self::ValueTooLong { len, limit } => write!(
+                f,
+                "parameter value of {len} bytes exceeds the limit of {limit}"
+            ),
             Self::ParamsTooLarge { limit } => {
                 write!(f, "parameters exceed the limit of {limit} bytes in total")
             }
-            Self::TooManyParams { limit } => {
-                write!(f, "more than {limit} parameters")
-            }
+            Self::TooManyParams { limit } => write!(f, "more than {limit} parameters"),
         }
     }
 }
@@ -337,18 +316,12 @@ mod tests {
     }
 
     #[test]
-    fn role_and_status_values_round_trip() {
+    fn role_values_round_trip() {
         for v in [0, 1, 2, 3, 4, u16::MAX] {
             assert_eq!(Role::from_u16(v).as_u16(), v);
         }
         assert_eq!(Role::from_u16(1), Role::Responder);
         assert_eq!(Role::from_u16(4), Role::Other(4));
-        for v in 0..=u8::MAX {
-            assert_eq!(
-                ProtocolStatus::from_u8(v).map(|s| s as u8),
-                (v <= 3).then_some(v)
-            );
-        }
     }
 
     #[test]
