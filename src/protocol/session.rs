@@ -41,8 +41,7 @@ pub enum Event {
     /// FCGI_ABORT_REQUEST for the running request: its body will not complete.
     Aborted,
     /// A request began while the session takes none ([`Session::set_accepting`], or after a
-    /// response without FCGI_KEEP_CONN): the driver answers it (503) and calls
-    /// [`Session::response_ended`].
+    /// response without FCGI_KEEP_CONN): the driver answers it with [`Session::refuse`].
     Refused { request_id: u16 },
 }
 
@@ -205,8 +204,13 @@ impl Session {
         }
     }
 
-    /// The running request has been answered (or refused) by the driver; see
-    /// [`Session::end_response`].
+    /// Answers the running request with `response` (a 503), written with the replies.
+    pub fn refuse(&mut self, response: &[u8]) {
+        self.replies.extend_from_slice(response);
+        self.response_ended();
+    }
+
+    /// The running request has been answered by the driver; see [`Session::end_response`].
     pub fn response_ended(&mut self) {
         if let State::Running {
             request_id,

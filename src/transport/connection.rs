@@ -64,8 +64,6 @@ struct Running {
 pub struct Connection<S> {
     stream: S,
     session: Session,
-    /// Records this task answers itself (GET_VALUES_RESULT, refusals), written before reading on.
-    replies: BytesMut,
     running: Option<Running>,
     context: Arc<ServerContext>,
     shutdown: Shutdown,
@@ -103,7 +101,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             stream,
             session,
-            replies: BytesMut::new(),
             running: None,
             context,
             shutdown,
@@ -123,12 +120,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             self.process_buffered()?;
             if let Some(replies) = self.session.take_replies() {
-                self.replies.extend_from_slice(&replies);
-            }
-            if !self.replies.is_empty() {
-                let mut replies = [self.replies.split().freeze()];
                 let send_timeout = self.context.send_timeout;
-                write_all_vectored(&mut self.stream, &mut replies, send_timeout).await?;
+                write_all_vectored(&mut self.stream, &mut [replies], send_timeout).await?;
             }
             if self.is_done() {
                 let _ = self.stream.shutdown().await;
@@ -286,8 +279,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             &[("Retry-After", "1")],
             b"Service Unavailable\n",
         );
-        self.replies.extend_from_slice(&encoder.finish(0));
-        self.session.response_ended();
+        self.session.refuse(&encoder.finish(0));
     }
 
     /// Passes a piece of the body on, or keeps it while the channel is full.
