@@ -84,6 +84,10 @@ pub fn share(
     ))
 }
 
+/// The first descriptor socket activation passes.
+#[cfg(unix)]
+const FIRST_FD: i32 = 3;
+
 /// How often the I/O thread looks whether every worker is stuck with connections waiting.
 #[cfg(target_os = "linux")]
 const OVERFLOW_TICK: Duration = Duration::from_millis(50);
@@ -155,7 +159,6 @@ impl Transport {
     #[cfg(unix)]
     pub fn from_activation() -> Option<Transport> {
         use std::os::fd::FromRawFd;
-        const FIRST_FD: i32 = 3;
         if let Ok(fd) = std::env::var(crate::supervisor::LISTEN_FD_VAR) {
             std::env::remove_var(crate::supervisor::LISTEN_FD_VAR);
             let fd = fd.parse().ok()?;
@@ -369,26 +372,20 @@ async fn overflow_loop(
     } = handoff;
     let stop_workers = acceptor.stop_on_drop();
     let connection_shutdown = shutdown.clone();
-    let serve =
-        |connections: &mut JoinSet<()>, parked: ParkedConnection| match adopt_stream(parked.socket)
-        {
-            Ok(stream) => {
-                let shutdown = connection_shutdown.clone();
-                connections.spawn(stream.serve(context.clone(), shutdown, parked.session));
-            }
-            Err(e) => tracing::warn!("cannot serve a connection: {e}"),
+    // Serves the connection here, or (`park`) waits for its next request first.
+    let serve = |connections: &mut JoinSet<()>, parked: ParkedConnection, park: bool| {
+        let stream = match adopt_stream(parked.socket) {
+            Ok(stream) => stream,
+            Err(e) => return tracing::warn!("cannot serve a connection: {e}"),
         };
-    let park =
-        |connections: &mut JoinSet<()>, parked: ParkedConnection| match adopt_stream(parked.socket)
-        {
-            Ok(stream) => {
-                let (acceptor, context) = (acceptor.clone(), context.clone());
-                let shutdown = connection_shutdown.clone();
-                let session = parked.session;
-                connections.spawn(stream.wait_for_request(session, acceptor, context, shutdown));
-            }
-            Err(e) => tracing::warn!("cannot park a connection: {e}"),
-        };
+        let (context, shutdown) = (context.clone(), connection_shutdown.clone());
+        if park {
+            let acceptor = acceptor.clone();
+            connections.spawn(stream.wait_for_request(parked.session, acceptor, context, shutdown));
+        } else {
+            connections.spawn(stream.serve(context, shutdown, parked.session));
+        }
+    };
     let mut connections = JoinSet::new();
     let mut tick = tokio::time::interval(OVERFLOW_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -399,9 +396,9 @@ async fn overflow_loop(
                 // At FCGI_MAX_CONNS a quiet kept connection is closed; the web server reopens.
                 // Waiting for the next request is only for a connection with nothing pending.
                 if !parked.session.is_quiet() {
-                    serve(&mut connections, parked);
+                    serve(&mut connections, parked, false);
                 } else if connections.len() < context.advertised.max_conns {
-                    park(&mut connections, parked);
+                    serve(&mut connections, parked, true);
                 }
             }
             _ = tick.tick() => {
@@ -409,7 +406,7 @@ async fn overflow_loop(
                     while connections.len() < context.advertised.max_conns {
                         let Ok(Some(socket)) = acceptor.accept() else { break };
                         let session = context.session();
-                        serve(&mut connections, ParkedConnection { socket, session });
+                        serve(&mut connections, ParkedConnection { socket, session }, false);
                     }
                 }
             }
@@ -422,7 +419,7 @@ async fn overflow_loop(
     // way lingered for) until the last connection here has finished.
     while !connections.is_empty() {
         tokio::select! {
-            Some(parked) = parked.recv() => serve(&mut connections, parked),
+            Some(parked) = parked.recv() => serve(&mut connections, parked, false),
             _ = connections.join_next() => {}
         }
     }
@@ -680,7 +677,6 @@ pub fn keep_start_environment() {
 pub fn reexec(listener: Socket) -> io::Error {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    const FIRST_FD: i32 = 3;
     let fd = listener.as_raw_fd();
     // SAFETY: dup2/fcntl on descriptors this process owns, right before exec; every other
     // descriptor Rust opened is close-on-exec, so taking fd 3 over is harmless.
