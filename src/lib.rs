@@ -27,6 +27,13 @@ pub fn write_stdout_line(line: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Locks `mutex`, also after a thread panicked holding it: the data stays usable.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 pub mod check;
 pub mod config;
 pub mod exchange;

@@ -27,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::config::AppConfig;
+use crate::lock;
 use crate::ops::metrics;
 use crate::shutdown::{self, Reason};
 use crate::watcher::{self, WatchSettings};
@@ -482,7 +483,7 @@ pub fn report_ready() {
     // SAFETY: fcntl on the descriptor just taken over.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     match pipe.write_all(b"1") {
-        Ok(()) => *lock_pipe() = Some(pipe),
+        Ok(()) => *lock(&READY_PIPE) = Some(pipe),
         Err(e) => tracing::warn!("cannot report readiness to the supervisor: {e}"),
     }
 }
@@ -491,7 +492,7 @@ pub fn report_ready() {
 /// names why, for the metrics). False when there is no supervisor to ask.
 pub fn request_replacement(cause: u8) -> bool {
     use std::io::Write;
-    match lock_pipe()
+    match lock(&READY_PIPE)
         .as_mut()
         .map(|pipe| pipe.write_all(&[b'r', cause]))
     {
@@ -509,21 +510,9 @@ pub fn report_metrics(snapshot: &metrics::Snapshot) {
     use std::io::Write;
     let mut message = vec![b'm'];
     message.extend_from_slice(&snapshot.to_bytes());
-    if let Some(pipe) = lock_pipe().as_mut() {
+    if let Some(pipe) = lock(&READY_PIPE).as_mut() {
         let _ = pipe.write_all(&message);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn lock_pipe() -> std::sync::MutexGuard<'static, Option<std::fs::File>> {
-    READY_PIPE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +26,7 @@ use crate::exchange::{
     BodyInterrupted, BodySource, BodyStream, Job, Output, OutputTarget, ResponseGone, ResponseSink,
     TrySendError,
 };
+use crate::lock;
 use crate::protocol::{self, Advertised, Event, ParamLimits, Session};
 use crate::shutdown::Shutdown;
 
@@ -250,10 +251,6 @@ fn writable_within(socket: &Socket, limit: Duration) -> io::Result<bool> {
             }
         }
     }
-}
-
-fn lock(wire: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
-    wire.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// When a connection is given back instead of waited on.
