@@ -399,23 +399,16 @@ impl Driver {
     }
 
     fn job(&self, request_id: u16, params: protocol::Params) -> Job {
-        let aborted = Arc::new(AtomicBool::new(false));
+        let request = DirectRequest {
+            wire: self.wire.clone(),
+            request_id,
+            aborted: Arc::default(),
+            done: false,
+        };
         Job {
             params,
-            body: BodyStream::new(Box::new(DirectBody {
-                wire: self.wire.clone(),
-                request_id,
-                aborted: aborted.clone(),
-                done: false,
-            })),
-            response: ResponseSink::new(
-                request_id,
-                Box::new(DirectOutput {
-                    wire: self.wire.clone(),
-                    request_id,
-                    aborted,
-                }),
-            ),
+            body: BodyStream::new(Box::new(request.clone())),
+            response: ResponseSink::new(request_id, Box::new(request)),
         }
     }
 }
@@ -428,15 +421,18 @@ impl Drop for Driver {
     }
 }
 
-/// `wsgi.input` read straight from the socket.
-struct DirectBody {
+/// A request's `wsgi.input`, read straight from the socket, and its response, written straight
+/// to it.
+#[derive(Clone)]
+struct DirectRequest {
     wire: Arc<Mutex<Wire>>,
     request_id: u16,
     aborted: Arc<AtomicBool>,
+    /// The body has ended.
     done: bool,
 }
 
-impl BodySource for DirectBody {
+impl BodySource for DirectRequest {
     fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted> {
         if self.done {
             return Ok(None);
@@ -460,14 +456,7 @@ impl BodySource for DirectBody {
     }
 }
 
-/// The response, written straight to the socket.
-struct DirectOutput {
-    wire: Arc<Mutex<Wire>>,
-    request_id: u16,
-    aborted: Arc<AtomicBool>,
-}
-
-impl OutputTarget for DirectOutput {
+impl OutputTarget for DirectRequest {
     /// Writing may block on a slow web server, so the caller first releases the GIL and then
     /// calls `send_blocking`.
     fn try_send(&self, output: Output) -> Result<(), TrySendError> {
