@@ -91,45 +91,9 @@ impl Header {
 mod tests {
     use bytes::Bytes;
 
-    use super::super::testing::XorShift;
+    use super::super::testing::{decode_in_chunks, XorShift};
     use super::super::{encode_record, Role, MAX_CONTENT_LEN};
     use super::*;
-
-    /// Feeds `bytes` to a decoder in chunks of the given sizes (the rest in one last chunk),
-    /// checking the documented contract after every call.
-    fn decode_in_chunks(
-        bytes: &[u8],
-        mut chunk_sizes: impl FnMut() -> usize,
-    ) -> Result<Vec<Record>, ProtocolError> {
-        let mut decoder = RecordDecoder;
-        let mut buf = BytesMut::new();
-        let mut records = Vec::new();
-        let mut rest = bytes;
-        loop {
-            let take = chunk_sizes().min(rest.len());
-            buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            loop {
-                let before = buf.len();
-                let needed = RecordDecoder::bytes_needed(&buf);
-                match decoder.decode(&mut buf)? {
-                    Some(record) => {
-                        assert_eq!(needed, 0);
-                        records.push(record);
-                    }
-                    None => {
-                        assert_eq!(buf.len(), before, "Ok(None) must consume nothing");
-                        assert!(needed > 0);
-                        break;
-                    }
-                }
-            }
-            if rest.is_empty() {
-                decoder.finish(&buf)?;
-                return Ok(records);
-            }
-        }
-    }
 
     fn sample_stream() -> (Vec<u8>, Vec<Record>) {
         let records = vec![
@@ -222,11 +186,13 @@ mod tests {
 
     #[test]
     fn bad_version_is_reported_before_the_body_arrives() {
-        let mut buf = BytesMut::from(&[2, 6, 0, 1, 0xFF, 0xFF, 0, 0][..]);
-        assert_eq!(
-            RecordDecoder.decode(&mut buf),
-            Err(ProtocolError::UnsupportedVersion(2))
-        );
+        for version in [0, 2, 0xFF] {
+            let mut buf = BytesMut::from(&[version, 6, 0, 1, 0xFF, 0xFF, 0, 0][..]);
+            assert_eq!(
+                RecordDecoder.decode(&mut buf),
+                Err(ProtocolError::UnsupportedVersion(version))
+            );
+        }
     }
 
     fn random_record(rng: &mut XorShift) -> Record {

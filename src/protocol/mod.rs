@@ -264,6 +264,51 @@ impl fmt::Display for TypeName {
 /// Helpers shared by the tests of the submodules.
 #[cfg(test)]
 mod testing {
+    use bytes::BytesMut;
+
+    use super::{ProtocolError, Record, RecordDecoder};
+
+    /// Feeds `bytes` to a decoder in chunks of the given sizes (the rest in one last chunk),
+    /// checking the documented contract after every call.
+    pub fn decode_in_chunks(
+        bytes: &[u8],
+        mut chunk_sizes: impl FnMut() -> usize,
+    ) -> Result<Vec<Record>, ProtocolError> {
+        let mut decoder = RecordDecoder;
+        let mut buf = BytesMut::new();
+        let mut records = Vec::new();
+        let mut rest = bytes;
+        loop {
+            let take = chunk_sizes().min(rest.len());
+            buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            loop {
+                let before = buf.len();
+                let needed = RecordDecoder::bytes_needed(&buf);
+                match decoder.decode(&mut buf)? {
+                    Some(record) => {
+                        assert_eq!(needed, 0);
+                        records.push(record);
+                    }
+                    None => {
+                        assert_eq!(buf.len(), before, "Ok(None) must consume nothing");
+                        assert!(needed > 0);
+                        break;
+                    }
+                }
+            }
+            if rest.is_empty() {
+                decoder.finish(&buf)?;
+                return Ok(records);
+            }
+        }
+    }
+
+    /// Decodes every record in `bytes`, requiring that they fill it exactly.
+    pub fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, ProtocolError> {
+        decode_in_chunks(bytes, || usize::MAX)
+    }
+
     /// xorshift64: a deterministic PRNG, so property tests need no `rand` and failures replay.
     pub struct XorShift(u64);
 

@@ -348,20 +348,8 @@ fn put_end_request(buf: &mut BytesMut, request_id: u16, app_status: u32, protoco
 
 #[cfg(test)]
 mod tests {
-    use super::super::RecordDecoder;
+    use super::super::testing::decode_all;
     use super::*;
-
-    /// Decodes every record in `bytes`, requiring that they fill it exactly.
-    fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, ProtocolError> {
-        let mut buf = BytesMut::from(bytes);
-        let mut decoder = RecordDecoder;
-        let mut records = Vec::new();
-        while let Some(record) = decoder.decode(&mut buf)? {
-            records.push(record);
-        }
-        decoder.finish(&buf)?;
-        Ok(records)
-    }
 
     fn encoded(record: &Record) -> BytesMut {
         let mut buf = BytesMut::new();
@@ -538,16 +526,6 @@ mod tests {
                 keep_conn: true,
             }])
         );
-    }
-
-    #[test]
-    fn wrong_version_is_rejected() {
-        for version in [0, 2, 0xFF] {
-            assert_eq!(
-                decode_all(&raw(version, 6, 1, b"x", 0)),
-                Err(ProtocolError::UnsupportedVersion(version))
-            );
-        }
     }
 
     #[test]

@@ -465,6 +465,7 @@ fn encode_values_answer(buf: &mut BytesMut, asked: &Params, advertised: Advertis
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::testing::decode_all;
     use crate::protocol::{
         encode_abort_request, encode_begin_request, encode_end_of_stream, encode_name_value,
         encode_record, encode_stream, RecordType,
@@ -505,12 +506,8 @@ mod tests {
         while let Some(event) = session.next_event().expect("valid stream") {
             events.push(event);
         }
-        let mut replies = BytesMut::from(&session.take_replies().unwrap_or_default()[..]);
-        let mut records = Vec::new();
-        while let Some(record) = RecordDecoder.decode(&mut replies).expect("valid replies") {
-            records.push(record);
-        }
-        (events, records)
+        let replies = session.take_replies().unwrap_or_default();
+        (events, decode_all(&replies).expect("valid replies"))
     }
 
     fn ended(request_id: u16, status: ProtocolStatus) -> Record {
