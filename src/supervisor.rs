@@ -175,7 +175,7 @@ impl Supervisor {
         loop {
             let next_start = self.pending.iter().map(|(_, at)| *at).min();
             tokio::select! {
-                _ = sleep_until(next_start) => self.start_pending().await,
+                _ = crate::sleep_until(next_start.map(Into::into)) => self.start_pending().await,
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
                 _ = dump.recv() => {
@@ -420,13 +420,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -165,11 +165,6 @@ impl Acceptor {
         stuck
     }
 
-    /// Wakes every worker to stop taking connections; they serve the queue until it closes.
-    pub fn stop(&self) {
-        self.stop.ring();
-    }
-
     /// Stops the workers' accepting when dropped, however the I/O thread ends (a panic
     /// included): otherwise they would wait in epoll for ever.
     pub fn stop_on_drop(self: &Arc<Self>) -> StopOnDrop {
@@ -199,8 +194,9 @@ impl Acceptor {
 pub struct StopOnDrop(Arc<Acceptor>);
 
 impl Drop for StopOnDrop {
+    /// Wakes every worker to stop taking connections; they serve the queue until it closes.
     fn drop(&mut self) {
-        self.0.stop();
+        self.0.stop.ring();
     }
 }
 

@@ -170,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         self.linger_until = Some(tokio::time::Instant::now() + LINGER);
                     }
                 }
-                _ = linger(self.linger_until) => self.linger_until = None,
+                _ = crate::sleep_until(self.linger_until) => self.linger_until = None,
             }
         }
     }
@@ -210,11 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // that is still writing it, and it might lose the response.
         self.session.is_idle()
             && !self.session.is_draining()
-            && (self.session.is_closing() || (self.shutting_down && !self.lingering()))
-    }
-
-    fn lingering(&self) -> bool {
-        self.linger_until.is_some()
+            && (self.session.is_closing() || (self.shutting_down && self.linger_until.is_none()))
     }
 
     /// Handles the records already read, stopping at a body record that has to wait for room.
@@ -222,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         while !self.has_pending_body() {
             // A shutdown turns new requests away, after the linger for one on its way.
             self.session
-                .set_accepting(!self.shutting_down || self.lingering());
+                .set_accepting(!self.shutting_down || self.linger_until.is_some());
             let Some(event) = self.session.next_event()? else {
                 break;
             };
@@ -351,13 +347,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         write_all_vectored(&mut self.stream, &mut batch, self.context.send_timeout).await?;
         Ok(())
-    }
-}
-
-async fn linger(until: Option<tokio::time::Instant>) {
-    match until {
-        Some(until) => tokio::time::sleep_until(until).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -231,11 +231,9 @@ pub async fn run(
     tokio::spawn(enforce_grace(trigger.subscribe()));
     match transport {
         Transport::Stream(socket) => {
+            let session = context.session();
             match adopt_stream(socket) {
-                Ok(stream) => {
-                    let session = context.session();
-                    stream.serve(context, trigger.subscribe(), session).await
-                }
+                Ok(stream) => stream.serve(context, trigger.subscribe(), session).await,
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
@@ -243,11 +241,9 @@ pub async fn run(
         }
         #[cfg(windows)]
         Transport::NamedPipe(pipe) => {
+            let session = context.session();
             match crate::windows::adopt_pipe(pipe) {
-                Ok(pipe) => {
-                    let session = context.session();
-                    serve_connection(pipe, context, trigger.subscribe(), session).await
-                }
+                Ok(pipe) => serve_connection(pipe, context, trigger.subscribe(), session).await,
                 Err(e) => tracing::error!("cannot use the IIS pipe: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
@@ -498,15 +494,10 @@ impl Stream {
         mut shutdown: Shutdown,
     ) {
         let idle_timeout = context.idle_timeout;
-        let idle = async {
-            match idle_timeout {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
-            }
-        };
+        let idle = idle_timeout.map(|limit| tokio::time::Instant::now() + limit);
         let arriving = tokio::select! {
             ready = self.readable() => ready.is_ok(),
-            () = idle => {
+            () = crate::sleep_until(idle) => {
                 super::connection::log_idle_close(idle_timeout.unwrap_or_default());
                 return;
             }
