@@ -309,7 +309,8 @@ async fn accept_loop(
     mut shutdown: Shutdown,
 ) -> io::Result<Socket> {
     tracing::info!("listening on {}", describe(&socket));
-    let listener = adopt_listener(socket)?;
+    // A copy of the socket: the one to give back for a restart.
+    let listener = adopt_listener(socket.try_clone()?)?;
     let mut connections = JoinSet::new();
     let mut accept_failing = false;
     loop {
@@ -348,7 +349,7 @@ async fn accept_loop(
     }
     // New connections wait in the backlog, for the restarted process (or for nobody).
     while connections.join_next().await.is_some() {}
-    listener.into_socket()
+    Ok(socket)
 }
 
 /// The I/O thread's part when the workers accept (`acceptor.rs`): parked connections, and the
@@ -451,14 +452,6 @@ enum Stream {
 }
 
 impl Listener {
-    fn into_socket(self) -> io::Result<Socket> {
-        Ok(match self {
-            Listener::Tcp(listener) => Socket::from(listener.into_std()?),
-            #[cfg(unix)]
-            Listener::Unix(listener) => Socket::from(listener.into_std()?),
-        })
-    }
-
     async fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(listener) => {
@@ -556,36 +549,23 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-#[cfg(unix)]
-fn is_unix(socket: &Socket) -> io::Result<bool> {
-    Ok(socket.local_addr()?.is_unix())
-}
-
 fn adopt_listener(socket: Socket) -> io::Result<Listener> {
     socket.set_nonblocking(true)?;
     #[cfg(unix)]
-    if is_unix(&socket)? {
-        let std_listener: std::os::unix::net::UnixListener = socket.into();
-        return Ok(Listener::Unix(tokio::net::UnixListener::from_std(
-            std_listener,
-        )?));
+    if socket.local_addr()?.is_unix() {
+        return tokio::net::UnixListener::from_std(socket.into()).map(Listener::Unix);
     }
-    let std_listener: std::net::TcpListener = socket.into();
-    Ok(Listener::Tcp(tokio::net::TcpListener::from_std(
-        std_listener,
-    )?))
+    tokio::net::TcpListener::from_std(socket.into()).map(Listener::Tcp)
 }
 
 fn adopt_stream(socket: Socket) -> io::Result<Stream> {
     socket.set_nonblocking(true)?;
     #[cfg(unix)]
-    if is_unix(&socket)? {
-        let std_stream: std::os::unix::net::UnixStream = socket.into();
-        return Ok(Stream::Unix(tokio::net::UnixStream::from_std(std_stream)?));
+    if socket.local_addr()?.is_unix() {
+        return tokio::net::UnixStream::from_std(socket.into()).map(Stream::Unix);
     }
-    let std_stream: std::net::TcpStream = socket.into();
-    std_stream.set_nodelay(true)?;
-    Ok(Stream::Tcp(tokio::net::TcpStream::from_std(std_stream)?))
+    socket.set_tcp_nodelay(true)?;
+    tokio::net::TcpStream::from_std(socket.into()).map(Stream::Tcp)
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
