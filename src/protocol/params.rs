@@ -130,7 +130,7 @@ impl std::fmt::Debug for Params {
 /// grows), never more than `max_total`, however the records are cut. Keeping the records
 /// themselves would pin each one's read buffer (16-64 KiB), so 12-byte records cost 5 000 times
 /// their size.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ParamsBuilder {
     limits: ParamLimits,
     /// The stream received so far.

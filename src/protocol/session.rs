@@ -330,8 +330,8 @@ impl Session {
     ) -> Result<Option<Event>, ProtocolError> {
         let State::Head {
             request_id: id,
+            keep_conn,
             params,
-            ..
         } = &mut self.state
         else {
             tracing::debug!(
@@ -348,15 +348,7 @@ impl Session {
             params.push(content)?;
             return Ok(None);
         }
-        let State::Head {
-            request_id,
-            keep_conn,
-            params,
-        } = std::mem::replace(&mut self.state, State::Idle)
-        else {
-            unreachable!("matched above");
-        };
-        let params = params.finish()?;
+        let (keep_conn, params) = (*keep_conn, std::mem::take(params).finish()?);
         self.state = State::Running {
             request_id,
             keep_conn,
