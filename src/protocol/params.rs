@@ -375,10 +375,7 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn four_byte_lengths_are_big_endian_with_the_high_bit_set() {
+        // Four-byte lengths are big-endian with the high bit set.
         let encoded = encode_pairs(&[(&[b'a'; 0x0102][..], b"")]);
         assert_eq!(&encoded[..5], [0x80, 0x00, 0x01, 0x02, 0x00]);
     }
