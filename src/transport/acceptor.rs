@@ -301,11 +301,7 @@ impl<'a> WorkerSource<'a> {
             if nudge {
                 acceptor.nudge.answer();
             }
-            let queued = if jobs || nudge {
-                self.try_queued()
-            } else {
-                None
-            };
+            let queued = (jobs || nudge).then(|| self.try_queued()).flatten();
             let took_queued = queued.is_some();
             let work = match queued {
                 Some(work) => Some(work),
@@ -327,12 +323,8 @@ impl<'a> WorkerSource<'a> {
             if let Some(work) = work {
                 // This worker takes one thing; if another may be waiting (it was woken to
                 // both, or by a nudge, which stands for both), another worker looks.
-                let other_waiting = if took_queued {
-                    listener || nudge
-                } else {
-                    jobs || nudge
-                };
-                if other_waiting {
+                let other_kind = if took_queued { listener } else { jobs };
+                if nudge || other_kind {
                     acceptor.nudge.ring();
                 }
                 break work;
