@@ -204,7 +204,7 @@ impl fmt::Display for ProtocolError {
                 "unsupported FastCGI version {v} (only version {VERSION_1} exists)"
             ),
             Self::BadBodyLength { record_type, len } => {
-                let name = TypeName(record_type);
+                let name = type_name(record_type);
                 match RecordType::from_u8(record_type).and_then(RecordType::fixed_body_len) {
                     Some(expected) => write!(
                         f,
@@ -223,12 +223,12 @@ impl fmt::Display for ProtocolError {
             } => write!(
                 f,
                 "{} is a management record and must have request id 0, not {request_id}",
-                TypeName(record_type)
+                type_name(record_type)
             ),
             Self::RequestRecordWithNullId { record_type } => write!(
                 f,
                 "{} record has request id 0, which is reserved for management records",
-                TypeName(record_type)
+                type_name(record_type)
             ),
             Self::NameValueTruncated => f.write_str("name-value data ends in the middle of a pair"),
             Self::NameTooLong { len, limit } => write!(
@@ -249,15 +249,11 @@ impl fmt::Display for ProtocolError {
 
 impl std::error::Error for ProtocolError {}
 
-/// Shows a record type byte by its specification name when it has one.
-struct TypeName(u8);
-
-impl fmt::Display for TypeName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match RecordType::from_u8(self.0) {
-            Some(known) => f.write_str(known.name()),
-            None => write!(f, "unknown type {}", self.0),
-        }
+/// A record type byte by its specification name when it has one.
+fn type_name(record_type: u8) -> String {
+    match RecordType::from_u8(record_type) {
+        Some(known) => known.name().to_owned(),
+        None => format!("unknown type {record_type}"),
     }
 }
 
