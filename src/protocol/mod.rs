@@ -14,9 +14,6 @@ mod decoder;
 mod params;
 mod record;
 mod session;
-
-use std::fmt;
-
 pub use decoder::RecordDecoder;
 pub use params::{decode_name_values, encode_name_value, ParamLimits, Params, ParamsBuilder};
 pub use record::{
@@ -150,104 +147,53 @@ pub enum ProtocolStatus {
 
 /// A violation of the protocol or of the configured limits. None of these can be recovered from
 /// on the same connection, because the byte stream can no longer be trusted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
     /// The header's version byte is not [`VERSION_1`].
+    #[error("unsupported FastCGI version {0} (only version {VERSION_1} exists)")]
     UnsupportedVersion(u8),
     /// A fixed-layout record (BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, UNKNOWN_TYPE) has content
     /// of the wrong length.
-    BadBodyLength {
-        record_type: u8,
-        len: usize,
-    },
+    #[error("{}", bad_body_length(*record_type, *len))]
+    BadBodyLength { record_type: u8, len: usize },
     /// The stream ended inside a record. `need` is the record's whole length, or [`HEADER_LEN`]
     /// while its header was incomplete.
-    TruncatedRecord {
-        have: usize,
-        need: usize,
-    },
-    /// A management record carries a non-zero request id.
-    ManagementRecordWithRequestId {
-        record_type: u8,
-        request_id: u16,
-    },
-    /// A request record carries the null request id.
-    RequestRecordWithNullId {
-        record_type: u8,
-    },
-    /// Name-value data ends inside a pair.
+    #[error("stream ended inside a record: got {have} of its {need} bytes")]
+    TruncatedRecord { have: usize, need: usize },
+    #[error(
+        "{} is a management record and must have request id 0, not {request_id}",
+        type_name(*record_type)
+    )]
+    ManagementRecordWithRequestId { record_type: u8, request_id: u16 },
+    #[error(
+        "{} record has request id 0, which is reserved for management records",
+        type_name(*record_type)
+    )]
+    RequestRecordWithNullId { record_type: u8 },
+    #[error("name-value data ends in the middle of a pair")]
     NameValueTruncated,
     /// A name's declared length exceeds [`ParamLimits::max_name`].
-    NameTooLong {
-        len: usize,
-        limit: usize,
-    },
+    #[error("parameter name of {len} bytes exceeds the limit of {limit}")]
+    NameTooLong { len: usize, limit: usize },
     /// A value's declared length exceeds [`ParamLimits::max_value`].
-    ValueTooLong {
-        len: usize,
-        limit: usize,
-    },
+    #[error("parameter value of {len} bytes exceeds the limit of {limit}")]
+    ValueTooLong { len: usize, limit: usize },
     /// The name-value data exceeds [`ParamLimits::max_total`].
-    ParamsTooLarge {
-        limit: usize,
-    },
-    TooManyParams {
-        limit: usize,
-    },
+    #[error("parameters exceed the limit of {limit} bytes in total")]
+    ParamsTooLarge { limit: usize },
+    #[error("more than {limit} parameters")]
+    TooManyParams { limit: usize },
 }
 
-impl fmt::Display for ProtocolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::UnsupportedVersion(v) => write!(
-                f,
-                "unsupported FastCGI version {v} (only version {VERSION_1} exists)"
-            ),
-            Self::BadBodyLength { record_type, len } => {
-                let name = type_name(record_type);
-                match RecordType::from_u8(record_type).and_then(RecordType::fixed_body_len) {
-                    Some(expected) => write!(
-                        f,
-                        "{name} record has a {len}-byte body; it must be exactly {expected} bytes"
-                    ),
-                    None => write!(f, "{name} record has an invalid {len}-byte body"),
-                }
-            }
-            Self::TruncatedRecord { have, need } => write!(
-                f,
-                "stream ended inside a record: got {have} of its {need} bytes"
-            ),
-            Self::ManagementRecordWithRequestId {
-                record_type,
-                request_id,
-            } => write!(
-                f,
-                "{} is a management record and must have request id 0, not {request_id}",
-                type_name(record_type)
-            ),
-            Self::RequestRecordWithNullId { record_type } => write!(
-                f,
-                "{} record has request id 0, which is reserved for management records",
-                type_name(record_type)
-            ),
-            Self::NameValueTruncated => f.write_str("name-value data ends in the middle of a pair"),
-            Self::NameTooLong { len, limit } => write!(
-                f,
-                "parameter name of {len} bytes exceeds the limit of {limit}"
-            ),
-            Self::ValueTooLong { len, limit } => write!(
-                f,
-                "parameter value of {len} bytes exceeds the limit of {limit}"
-            ),
-            Self::ParamsTooLarge { limit } => {
-                write!(f, "parameters exceed the limit of {limit} bytes in total")
-            }
-            Self::TooManyParams { limit } => write!(f, "more than {limit} parameters"),
+fn bad_body_length(record_type: u8, len: usize) -> String {
+    let name = type_name(record_type);
+    match RecordType::from_u8(record_type).and_then(RecordType::fixed_body_len) {
+        Some(expected) => {
+            format!("{name} record has a {len}-byte body; it must be exactly {expected} bytes")
         }
+        None => format!("{name} record has an invalid {len}-byte body"),
     }
 }
-
-impl std::error::Error for ProtocolError {}
 
 /// A record type byte by its specification name when it has one.
 fn type_name(record_type: u8) -> String {
