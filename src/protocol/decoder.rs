@@ -91,38 +91,13 @@ impl Header {
 mod tests {
     use bytes::Bytes;
 
-    use super::super::testing::{decode_in_chunks, XorShift};
+    use super::super::testing::{decode_in_chunks, one_of_each, XorShift};
     use super::super::{encode_record, Role, MAX_CONTENT_LEN};
     use super::*;
 
+    /// Every kind of record, encoded.
     fn sample_stream() -> (Vec<u8>, Vec<Record>) {
-        let records = vec![
-            Record::BeginRequest {
-                request_id: 1,
-                role: Role::Responder,
-                keep_conn: true,
-            },
-            Record::Params {
-                request_id: 1,
-                content: Bytes::from_static(b"\x04\x03PATH/ok"),
-            },
-            Record::Params {
-                request_id: 1,
-                content: Bytes::new(),
-            },
-            Record::Stdin {
-                request_id: 1,
-                content: Bytes::from(vec![0x5A; 1000]),
-            },
-            Record::Stdin {
-                request_id: 1,
-                content: Bytes::new(),
-            },
-            Record::GetValues {
-                content: Bytes::from_static(b"\x0e\x00FCGI_MAX_CONNS"),
-            },
-            Record::AbortRequest { request_id: 1 },
-        ];
+        let records = one_of_each(1);
         let mut buf = BytesMut::new();
         for record in &records {
             encode_record(&mut buf, record);

@@ -206,9 +206,9 @@ fn type_name(record_type: u8) -> String {
 /// Helpers shared by the tests of the submodules.
 #[cfg(test)]
 mod testing {
-    use bytes::BytesMut;
+    use bytes::{Bytes, BytesMut};
 
-    use super::{ProtocolError, Record, RecordDecoder};
+    use super::{ProtocolError, ProtocolStatus, Record, RecordDecoder, Role, NULL_REQUEST_ID};
 
     /// Feeds `bytes` to a decoder in chunks of the given sizes (the rest in one last chunk),
     /// checking the documented contract after every call.
@@ -244,6 +244,74 @@ mod testing {
                 return Ok(records);
             }
         }
+    }
+
+    /// One record of every kind with the given request id (management records ignore it).
+    pub fn one_of_each(request_id: u16) -> Vec<Record> {
+        let content = Bytes::from_static(b"some content");
+        vec![
+            Record::BeginRequest {
+                request_id,
+                role: Role::Responder,
+                keep_conn: true,
+            },
+            Record::BeginRequest {
+                request_id,
+                role: Role::Other(0xBEEF),
+                keep_conn: false,
+            },
+            Record::AbortRequest { request_id },
+            Record::EndRequest {
+                request_id,
+                app_status: 0xDEAD_BEEF,
+                protocol_status: ProtocolStatus::Overloaded as u8,
+            },
+            Record::Params {
+                request_id,
+                content: content.clone(),
+            },
+            Record::Params {
+                request_id,
+                content: Bytes::new(),
+            },
+            Record::Stdin {
+                request_id,
+                content: content.clone(),
+            },
+            Record::Stdin {
+                request_id,
+                content: Bytes::new(),
+            },
+            Record::Stdout {
+                request_id,
+                content: content.clone(),
+            },
+            Record::Stderr {
+                request_id,
+                content: content.clone(),
+            },
+            Record::Data {
+                request_id,
+                content: content.clone(),
+            },
+            Record::GetValues {
+                content: Bytes::from_static(b"\x0e\x00FCGI_MPXS_CONNS"),
+            },
+            Record::GetValuesResult {
+                content: Bytes::from_static(b"\x0e\x01FCGI_MPXS_CONNS0"),
+            },
+            Record::UnknownType { record_type: 42 },
+            Record::Unknown {
+                record_type: 42,
+                request_id,
+                content: content.clone(),
+            },
+            Record::Unknown {
+                record_type: 0,
+                request_id: NULL_REQUEST_ID,
+                content: Bytes::new(),
+            },
+        ]
     }
 
     /// Decodes every record in `bytes`, requiring that they fill it exactly.

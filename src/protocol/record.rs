@@ -348,7 +348,7 @@ fn put_end_request(buf: &mut BytesMut, request_id: u16, app_status: u32, protoco
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::decode_all;
+    use super::super::testing::{decode_all, one_of_each};
     use super::*;
 
     fn encoded(record: &Record) -> BytesMut {
@@ -366,74 +366,6 @@ mod tests {
         out.extend_from_slice(content);
         out.resize(out.len() + usize::from(padding), 0xAA);
         out
-    }
-
-    /// One record of every kind with the given request id (management records ignore it).
-    fn one_of_each(request_id: u16) -> Vec<Record> {
-        let content = Bytes::from_static(b"some content");
-        vec![
-            Record::BeginRequest {
-                request_id,
-                role: Role::Responder,
-                keep_conn: true,
-            },
-            Record::BeginRequest {
-                request_id,
-                role: Role::Other(0xBEEF),
-                keep_conn: false,
-            },
-            Record::AbortRequest { request_id },
-            Record::EndRequest {
-                request_id,
-                app_status: 0xDEAD_BEEF,
-                protocol_status: ProtocolStatus::Overloaded as u8,
-            },
-            Record::Params {
-                request_id,
-                content: content.clone(),
-            },
-            Record::Params {
-                request_id,
-                content: Bytes::new(),
-            },
-            Record::Stdin {
-                request_id,
-                content: content.clone(),
-            },
-            Record::Stdin {
-                request_id,
-                content: Bytes::new(),
-            },
-            Record::Stdout {
-                request_id,
-                content: content.clone(),
-            },
-            Record::Stderr {
-                request_id,
-                content: content.clone(),
-            },
-            Record::Data {
-                request_id,
-                content: content.clone(),
-            },
-            Record::GetValues {
-                content: Bytes::from_static(b"\x0e\x00FCGI_MPXS_CONNS"),
-            },
-            Record::GetValuesResult {
-                content: Bytes::from_static(b"\x0e\x01FCGI_MPXS_CONNS0"),
-            },
-            Record::UnknownType { record_type: 42 },
-            Record::Unknown {
-                record_type: 42,
-                request_id,
-                content: content.clone(),
-            },
-            Record::Unknown {
-                record_type: 0,
-                request_id: NULL_REQUEST_ID,
-                content: Bytes::new(),
-            },
-        ]
     }
 
     #[test]
