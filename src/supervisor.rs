@@ -334,11 +334,7 @@ impl Supervisor {
                 totals.retired.add(&last.retired());
             }
         }
-        let Some(slot) = self
-            .slots
-            .iter()
-            .position(|w| w.as_ref().is_some_and(|w| w.pid == exit.pid))
-        else {
+        let Some(slot) = self.slot_of(exit.pid) else {
             return; // a worker that was replaced on purpose, or never became ready
         };
         let lived = self.slots[slot].take().map(|w| w.started.elapsed());
@@ -354,6 +350,12 @@ impl Supervisor {
             exit.status
         );
         self.pending.push((slot, Instant::now() + backoff));
+    }
+
+    fn slot_of(&self, pid: u32) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
     }
 
     async fn rolling_restart(&mut self, cause: &'static str) {
@@ -380,11 +382,7 @@ impl Supervisor {
 
     /// A worker asked to be recycled.
     async fn recycle(&mut self, pid: u32, cause: u8) {
-        let Some(slot) = self
-            .slots
-            .iter()
-            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
-        else {
+        let Some(slot) = self.slot_of(pid) else {
             return;
         };
         let cause = crate::ops::Cause::label(cause);
