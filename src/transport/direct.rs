@@ -140,33 +140,26 @@ impl Wire {
     /// Reads what is there. With `wait`, blocks until something arrives or the socket's
     /// receive time-out (`POLL`) passes; without, returns at once.
     fn fill(&mut self, wait: bool) -> io::Result<Filled> {
-        let Some(fd) = self.socket.as_ref().map(AsRawFd::as_raw_fd) else {
+        let Some(socket) = &self.socket else {
             return Ok(Filled::End);
         };
         let buf = self.session.read_buf();
         buf.reserve(READ_CHUNK);
         let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         loop {
-            let spare = buf.spare_capacity_mut();
-            // SAFETY: recv(2) writes at most `spare.len()` bytes into the uninitialised spare
-            // capacity, and only the bytes it reports are marked as initialised below.
-            let read = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), flags) };
-            match read {
-                0 => return Ok(Filled::End),
-                n if n > 0 => {
-                    // SAFETY: the kernel initialised these `n` bytes.
-                    unsafe { buf.set_len(buf.len() + n as usize) };
+            match socket.recv_with_flags(buf.spare_capacity_mut(), flags) {
+                Ok(0) => return Ok(Filled::End),
+                Ok(n) => {
+                    // SAFETY: recv(2) initialised these `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(buf.len() + n) };
                     return Ok(Filled::Data);
                 }
-                _ => {
-                    let error = io::Error::last_os_error();
-                    match error.kind() {
-                        io::ErrorKind::Interrupted => {}
-                        io::ErrorKind::WouldBlock => return Ok(Filled::TimedOut),
-                        io::ErrorKind::ConnectionReset => return Ok(Filled::End),
-                        _ => return Err(error),
-                    }
-                }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => return Ok(Filled::TimedOut),
+                    io::ErrorKind::ConnectionReset => return Ok(Filled::End),
+                    _ => return Err(e),
+                },
             }
         }
     }
