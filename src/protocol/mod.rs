@@ -149,7 +149,6 @@ pub enum ProtocolStatus {
 /// on the same connection, because the byte stream can no longer be trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
-    /// The header's version byte is not [`VERSION_1`].
     #[error("unsupported FastCGI version {0} (only version {VERSION_1} exists)")]
     UnsupportedVersion(u8),
     /// A fixed-layout record (BEGIN_REQUEST, ABORT_REQUEST, END_REQUEST, UNKNOWN_TYPE) has content
@@ -172,13 +171,10 @@ pub enum ProtocolError {
     RequestRecordWithNullId { record_type: u8 },
     #[error("name-value data ends in the middle of a pair")]
     NameValueTruncated,
-    /// A name's declared length exceeds [`ParamLimits::max_name`].
     #[error("parameter name of {len} bytes exceeds the limit of {limit}")]
     NameTooLong { len: usize, limit: usize },
-    /// A value's declared length exceeds [`ParamLimits::max_value`].
     #[error("parameter value of {len} bytes exceeds the limit of {limit}")]
     ValueTooLong { len: usize, limit: usize },
-    /// The name-value data exceeds [`ParamLimits::max_total`].
     #[error("parameters exceed the limit of {limit} bytes in total")]
     ParamsTooLarge { limit: usize },
     #[error("more than {limit} parameters")]
