@@ -419,10 +419,6 @@ impl Settings {
         self.entries.clear();
         self.index.clear();
     }
-
-    fn into_vec(self) -> Vec<(String, String)> {
-        self.entries.into_iter().flatten().collect()
-    }
 }
 
 /// Reads `<configuration><appSettings>`: `<add key value/>` in order, honouring `<remove key/>`
@@ -432,7 +428,7 @@ pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String
     for_each_child(xml, &[b"configuration", b"appSettings"], |element| {
         apply_setting(element, &mut settings)
     })?;
-    Ok(settings.into_vec())
+    Ok(settings.entries.into_iter().flatten().collect())
 }
 
 /// Calls `visit` with each element directly under the element path `parent` (from the root) of
