@@ -28,6 +28,14 @@ pub struct Advertised {
     pub max_reqs: usize,
 }
 
+impl Advertised {
+    /// One connection, one request at a time: IIS's stream.
+    pub const ONE: Advertised = Advertised {
+        max_conns: 1,
+        max_reqs: 1,
+    };
+}
+
 /// What the driver must do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -463,13 +471,8 @@ mod tests {
         encode_record, encode_stream, RecordType,
     };
 
-    const ADVERTISED: Advertised = Advertised {
-        max_conns: 1,
-        max_reqs: 1,
-    };
-
     fn session() -> Session {
-        Session::new(ParamLimits::default(), ADVERTISED, BytesMut::new())
+        Session::new(ParamLimits::default(), Advertised::ONE, BytesMut::new())
     }
 
     fn begin(buf: &mut BytesMut, id: u16, keep_conn: bool) {

@@ -38,12 +38,6 @@ const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
 /// connection before handing it to the I/O thread: web servers send a head at once.
 const HEAD_LIMIT: Duration = POLL;
 
-/// IIS's stream: one connection, one request at a time.
-const IIS_STREAM: Advertised = Advertised {
-    max_conns: 1,
-    max_reqs: 1,
-};
-
 /// The socket and the connection's protocol state.
 struct Wire {
     /// Taken when the connection is parked: a request object the application kept past its
@@ -278,7 +272,7 @@ impl Driver {
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
         socket.set_nonblocking(false)?;
         let buf = BytesMut::with_capacity(READ_CHUNK);
-        let session = Session::new(ParamLimits::default(), IIS_STREAM, buf);
+        let session = Session::new(ParamLimits::default(), Advertised::ONE, buf);
         let connection = ParkedConnection { socket, session };
         Driver::with(connection, shutdown, Parking::Never, None)
     }
@@ -319,7 +313,7 @@ impl Driver {
     /// every time).
     pub fn finish(self) -> (Option<ParkedConnection>, BytesMut) {
         let mut wire = lock(&self.wire);
-        let empty = Session::new(ParamLimits::default(), IIS_STREAM, BytesMut::new());
+        let empty = Session::new(ParamLimits::default(), Advertised::ONE, BytesMut::new());
         let session = std::mem::replace(&mut wire.session, empty);
         match wire.socket.take() {
             Some(socket) if self.parking == Parking::Parked => {
