@@ -324,14 +324,14 @@ struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl LogCapture {
     fn text(&self) -> String {
-        let bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let bytes = crate::lock(&self.0);
         String::from_utf8_lossy(&bytes).trim_end().to_owned()
     }
 }
 
 impl std::io::Write for LogCapture {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let mut bytes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bytes = crate::lock(&self.0);
         bytes.extend_from_slice(data);
         Ok(data.len())
     }

@@ -9,7 +9,6 @@
 //! Every web.config setting is also exported to the Python side's `os.environ`.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -349,31 +348,14 @@ fn find_web_config(dir: &Path) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
-/// A web.config that cannot be used, with the file and position.
-#[derive(Debug)]
-pub struct WebConfigError {
-    pub path: PathBuf,
-    pub message: String,
-}
-
-impl fmt::Display for WebConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.message)
-    }
-}
-
-impl std::error::Error for WebConfigError {}
-
 /// The largest web.config read: IIS's default `maxWebConfigFileSizeInKB` (250). The file is
 /// read with this limit, so one that never ends (a link to `/dev/zero`) is refused too.
 pub const MAX_WEB_CONFIG_BYTES: u64 = 250 * 1024;
 
 fn read_app_settings(path: &Path) -> Result<Vec<(String, String)>> {
     use std::io::Read;
-    let refuse = |message: String| WebConfigError {
-        path: path.to_owned(),
-        message,
-    };
+    // A web.config that cannot be used, with the file and position.
+    let refuse = |message: String| anyhow::anyhow!("{}: {message}", path.display());
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|file| file.take(MAX_WEB_CONFIG_BYTES + 1).read_to_end(&mut bytes))
@@ -383,10 +365,9 @@ fn read_app_settings(path: &Path) -> Result<Vec<(String, String)>> {
             "larger than {} KB, the limit IIS also applies by default \
              (maxWebConfigFileSizeInKB); move large settings to the environment",
             MAX_WEB_CONFIG_BYTES / 1024
-        ))
-        .into());
+        )));
     }
-    parse_app_settings(&bytes).map_err(|message| refuse(message).into())
+    parse_app_settings(&bytes).map_err(refuse)
 }
 
 /// The text of a web.config: UTF-8 (with or without a byte-order mark), or UTF-16 LE or BE with
@@ -438,10 +419,6 @@ impl Settings {
         self.entries.clear();
         self.index.clear();
     }
-
-    fn into_vec(self) -> Vec<(String, String)> {
-        self.entries.into_iter().flatten().collect()
-    }
 }
 
 /// Reads `<configuration><appSettings>`: `<add key value/>` in order, honouring `<remove key/>`
@@ -451,7 +428,7 @@ pub fn parse_app_settings(xml: &[u8]) -> std::result::Result<Vec<(String, String
     for_each_child(xml, &[b"configuration", b"appSettings"], |element| {
         apply_setting(element, &mut settings)
     })?;
-    Ok(settings.into_vec())
+    Ok(settings.entries.into_iter().flatten().collect())
 }
 
 /// Calls `visit` with each element directly under the element path `parent` (from the root) of

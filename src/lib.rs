@@ -27,6 +27,21 @@ pub fn write_stdout_line(line: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Locks `mutex`, also after a thread panicked holding it: the data stays usable.
+pub fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Sleeps until `at`; without it, for ever (a `select!` branch that never fires).
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub mod check;
 pub mod config;
 pub mod exchange;

@@ -80,9 +80,7 @@ pub fn open_file(path: &Path, level: tracing::Level, rotation: LogRotation) -> R
         .with_context(|| format!("WSGI_LOG {} cannot be opened", path.display()))?;
     let (writer, guard) = tracing_appender::non_blocking(appender);
     let state = STATE.get().context("logging is not initialised")?;
-    let mut state = state
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut state = crate::lock(state);
     state
         .sink
         .reload(line_format(writer).boxed())
@@ -119,11 +117,7 @@ pub fn appender(path: &Path, rotation: LogRotation) -> Result<RollingFileAppende
 /// Keeps another background writer's guard, to be flushed by [`flush`].
 pub fn flush_at_exit(guard: WorkerGuard) {
     if let Some(state) = STATE.get() {
-        state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .others
-            .push(guard);
+        crate::lock(state).others.push(guard);
     }
 }
 
@@ -150,9 +144,7 @@ pub fn flush() {
         hook();
     }
     if let Some(state) = STATE.get() {
-        let mut state = state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = crate::lock(state);
         state.guard.take();
         state.others.clear();
         let direct = state

@@ -138,16 +138,6 @@ struct AppArgs {
     ops: wfastcgi::ops::OpsArgs,
 }
 
-#[cfg(unix)]
-fn activation_transport() -> Option<Transport> {
-    Transport::from_activation()
-}
-
-#[cfg(not(unix))]
-fn activation_transport() -> Option<Transport> {
-    None
-}
-
 fn parse_mode(text: &str) -> Result<u32, String> {
     u32::from_str_radix(text.trim_start_matches("0o"), 8)
         .ok()
@@ -222,7 +212,10 @@ fn main() -> ExitCode {
     #[cfg(not(unix))]
     let supervised = false;
     // A socket passed by systemd, or by this binary restarting itself, wins over --bind.
-    let activated = activation_transport();
+    #[cfg(unix)]
+    let activated = Transport::from_activation();
+    #[cfg(not(unix))]
+    let activated = None;
     let transport = match (activated, &bind) {
         (Some(transport), _) => Ok(transport),
         (None, Some(address)) => Transport::bind(address, socket_mode.unwrap_or(0o660)),

@@ -96,11 +96,7 @@ pub fn session(data: &[u8]) {
 
 /// What a session did: its events, then its replies, then the error if one ended the stream.
 fn run_session(seed: u8, stream: &[u8], step: usize) -> (Vec<String>, Vec<u8>, Option<String>) {
-    let advertised = Advertised {
-        max_conns: 1,
-        max_reqs: 1,
-    };
-    let mut session = Session::new(LIMITS, advertised, BytesMut::new());
+    let mut session = Session::new(LIMITS, Advertised::ONE, BytesMut::new());
     let (mut events, mut replies) = (Vec::new(), Vec::new());
     let mut requests = 0;
     let now = std::time::Instant::now();

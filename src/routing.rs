@@ -61,16 +61,16 @@ pub fn route(params: &Params, settings: &RouteSettings<'_>) -> Route {
 fn iis_route(params: &Params, settings: &RouteSettings<'_>) -> Route {
     let path_info = if let Some(raw) = params.get(b"UNENCODED_URL") {
         percent_decode(without_query(raw))
-    } else if let Some(original) = params.value(b"HTTP_X_ORIGINAL_URL") {
-        original.slice(..without_query(&original).len())
     } else {
-        let path = params.value(b"PATH_INFO").unwrap_or_default();
+        let path = params
+            .value(b"HTTP_X_ORIGINAL_URL")
+            .or_else(|| params.value(b"PATH_INFO"))
+            .unwrap_or_default();
         path.slice(..without_query(&path).len())
     };
     if settings.allow_path_info_for_script_mappings {
-        let script_name = params.value(b"SCRIPT_NAME").unwrap_or_default();
         return Route {
-            script_name,
+            script_name: params.value(b"SCRIPT_NAME").unwrap_or_default(),
             path_info,
         };
     }
@@ -135,10 +135,7 @@ fn split_mount_point(route: Route, mount: &[u8]) -> Route {
 }
 
 fn without_query(uri: &[u8]) -> &[u8] {
-    match uri.iter().position(|&b| b == b'?') {
-        Some(end) => &uri[..end],
-        None => uri,
-    }
+    uri.split(|&b| b == b'?').next().unwrap_or(uri)
 }
 
 /// `%XX` to the byte it names; a `%` not followed by two hex digits stays as it is.

@@ -27,6 +27,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::config::AppConfig;
+use crate::lock;
 use crate::ops::metrics;
 use crate::shutdown::{self, Reason};
 use crate::watcher::{self, WatchSettings};
@@ -174,7 +175,7 @@ impl Supervisor {
         loop {
             let next_start = self.pending.iter().map(|(_, at)| *at).min();
             tokio::select! {
-                _ = sleep_until(next_start) => self.start_pending().await,
+                _ = crate::sleep_until(next_start.map(Into::into)) => self.start_pending().await,
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
                 _ = dump.recv() => {
@@ -333,11 +334,7 @@ impl Supervisor {
                 totals.retired.add(&last.retired());
             }
         }
-        let Some(slot) = self
-            .slots
-            .iter()
-            .position(|w| w.as_ref().is_some_and(|w| w.pid == exit.pid))
-        else {
+        let Some(slot) = self.slot_of(exit.pid) else {
             return; // a worker that was replaced on purpose, or never became ready
         };
         let lived = self.slots[slot].take().map(|w| w.started.elapsed());
@@ -353,6 +350,12 @@ impl Supervisor {
             exit.status
         );
         self.pending.push((slot, Instant::now() + backoff));
+    }
+
+    fn slot_of(&self, pid: u32) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
     }
 
     async fn rolling_restart(&mut self, cause: &'static str) {
@@ -379,11 +382,7 @@ impl Supervisor {
 
     /// A worker asked to be recycled.
     async fn recycle(&mut self, pid: u32, cause: u8) {
-        let Some(slot) = self
-            .slots
-            .iter()
-            .position(|w| w.as_ref().is_some_and(|w| w.pid == pid))
-        else {
+        let Some(slot) = self.slot_of(pid) else {
             return;
         };
         let cause = crate::ops::Cause::label(cause);
@@ -419,13 +418,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -482,7 +474,7 @@ pub fn report_ready() {
     // SAFETY: fcntl on the descriptor just taken over.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     match pipe.write_all(b"1") {
-        Ok(()) => *lock_pipe() = Some(pipe),
+        Ok(()) => *lock(&READY_PIPE) = Some(pipe),
         Err(e) => tracing::warn!("cannot report readiness to the supervisor: {e}"),
     }
 }
@@ -491,7 +483,7 @@ pub fn report_ready() {
 /// names why, for the metrics). False when there is no supervisor to ask.
 pub fn request_replacement(cause: u8) -> bool {
     use std::io::Write;
-    match lock_pipe()
+    match lock(&READY_PIPE)
         .as_mut()
         .map(|pipe| pipe.write_all(&[b'r', cause]))
     {
@@ -509,21 +501,9 @@ pub fn report_metrics(snapshot: &metrics::Snapshot) {
     use std::io::Write;
     let mut message = vec![b'm'];
     message.extend_from_slice(&snapshot.to_bytes());
-    if let Some(pipe) = lock_pipe().as_mut() {
+    if let Some(pipe) = lock(&READY_PIPE).as_mut() {
         let _ = pipe.write_all(&message);
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn lock_pipe() -> std::sync::MutexGuard<'static, Option<std::fs::File>> {
-    READY_PIPE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -241,13 +241,10 @@ impl Watch {
                 for root in self.roots.clone() {
                     self.add_dir(&root);
                 }
-                false
             }
-            Err(e) => {
-                tracing::error!("cannot poll for changes either: {e}");
-                false
-            }
+            Err(e) => tracing::error!("cannot poll for changes either: {e}"),
         }
+        false
     }
 
     /// `path` relative to the watched folder it is in.
@@ -310,10 +307,8 @@ impl Watch {
         let event = match event {
             Ok(event) => event,
             Err(e) => {
-                let message = e.to_string();
-                if !self.logged_errors.contains(&message) {
-                    tracing::warn!("file watcher error: {message} (logged once)");
-                    self.logged_errors.insert(message);
+                if self.logged_errors.insert(e.to_string()) {
+                    tracing::warn!("file watcher error: {e} (logged once)");
                 }
                 return None;
             }

@@ -91,74 +91,13 @@ impl Header {
 mod tests {
     use bytes::Bytes;
 
-    use super::super::testing::XorShift;
+    use super::super::testing::{decode_in_chunks, one_of_each, XorShift};
     use super::super::{encode_record, Role, MAX_CONTENT_LEN};
     use super::*;
 
-    /// Feeds `bytes` to a decoder in chunks of the given sizes (the rest in one last chunk),
-    /// checking the documented contract after every call.
-    fn decode_in_chunks(
-        bytes: &[u8],
-        mut chunk_sizes: impl FnMut() -> usize,
-    ) -> Result<Vec<Record>, ProtocolError> {
-        let mut decoder = RecordDecoder;
-        let mut buf = BytesMut::new();
-        let mut records = Vec::new();
-        let mut rest = bytes;
-        loop {
-            let take = chunk_sizes().min(rest.len());
-            buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            loop {
-                let before = buf.len();
-                let needed = RecordDecoder::bytes_needed(&buf);
-                match decoder.decode(&mut buf)? {
-                    Some(record) => {
-                        assert_eq!(needed, 0);
-                        records.push(record);
-                    }
-                    None => {
-                        assert_eq!(buf.len(), before, "Ok(None) must consume nothing");
-                        assert!(needed > 0);
-                        break;
-                    }
-                }
-            }
-            if rest.is_empty() {
-                decoder.finish(&buf)?;
-                return Ok(records);
-            }
-        }
-    }
-
+    /// Every kind of record, encoded.
     fn sample_stream() -> (Vec<u8>, Vec<Record>) {
-        let records = vec![
-            Record::BeginRequest {
-                request_id: 1,
-                role: Role::Responder,
-                keep_conn: true,
-            },
-            Record::Params {
-                request_id: 1,
-                content: Bytes::from_static(b"\x04\x03PATH/ok"),
-            },
-            Record::Params {
-                request_id: 1,
-                content: Bytes::new(),
-            },
-            Record::Stdin {
-                request_id: 1,
-                content: Bytes::from(vec![0x5A; 1000]),
-            },
-            Record::Stdin {
-                request_id: 1,
-                content: Bytes::new(),
-            },
-            Record::GetValues {
-                content: Bytes::from_static(b"\x0e\x00FCGI_MAX_CONNS"),
-            },
-            Record::AbortRequest { request_id: 1 },
-        ];
+        let records = one_of_each(1);
         let mut buf = BytesMut::new();
         for record in &records {
             encode_record(&mut buf, record);
@@ -222,11 +161,13 @@ mod tests {
 
     #[test]
     fn bad_version_is_reported_before_the_body_arrives() {
-        let mut buf = BytesMut::from(&[2, 6, 0, 1, 0xFF, 0xFF, 0, 0][..]);
-        assert_eq!(
-            RecordDecoder.decode(&mut buf),
-            Err(ProtocolError::UnsupportedVersion(2))
-        );
+        for version in [0, 2, 0xFF] {
+            let mut buf = BytesMut::from(&[version, 6, 0, 1, 0xFF, 0xFF, 0, 0][..]);
+            assert_eq!(
+                RecordDecoder.decode(&mut buf),
+                Err(ProtocolError::UnsupportedVersion(version))
+            );
+        }
     }
 
     fn random_record(rng: &mut XorShift) -> Record {

@@ -130,7 +130,7 @@ impl std::fmt::Debug for Params {
 /// grows), never more than `max_total`, however the records are cut. Keeping the records
 /// themselves would pin each one's read buffer (16-64 KiB), so 12-byte records cost 5 000 times
 /// their size.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ParamsBuilder {
     limits: ParamLimits,
     /// The stream received so far.
@@ -166,9 +166,7 @@ impl ParamsBuilder {
             self.stream.reserve_exact(room - self.stream.len());
         }
         self.stream.extend_from_slice(content);
-        while let Scan::Pair { name, value } =
-            scan_pair(&self.stream[self.scanned..], &self.limits)?
-        {
+        while let Some((name, value)) = scan_pair(&self.stream[self.scanned..], &self.limits)? {
             if self.pairs.len() >= self.limits.max_pairs {
                 return Err(ProtocolError::TooManyParams {
                     limit: self.limits.max_pairs,
@@ -230,23 +228,15 @@ fn put_length(buf: &mut BytesMut, len: usize) {
     }
 }
 
-/// How far a buffer gets through the pair at its start.
-enum Scan {
-    /// A whole pair, which ends where its value ends.
-    Pair {
-        name: Range<usize>,
-        value: Range<usize>,
-    },
-    /// More bytes are needed to get further.
-    NeedMore,
-}
+/// Where a pair's name and value are.
+type PairRanges = (Range<usize>, Range<usize>);
 
-/// Scans the pair at the start of `buf`, checking each length against `limits` as soon as it is
-/// known, so an oversized pair fails before its bytes arrive.
-fn scan_pair(buf: &[u8], limits: &ParamLimits) -> Result<Scan, ProtocolError> {
-    let (name_len, name_width) = match read_length(buf) {
-        Ok(length) => length,
-        Err(_) => return Ok(Scan::NeedMore),
+/// The name and value of the whole pair at the start of `buf` (which ends where its value
+/// ends); `None` while more bytes are needed. Each length is checked against `limits` as soon as
+/// it is known, so an oversized pair fails before its bytes arrive.
+fn scan_pair(buf: &[u8], limits: &ParamLimits) -> Result<Option<PairRanges>, ProtocolError> {
+    let Some((name_len, name_width)) = read_length(buf) else {
+        return Ok(None);
     };
     if name_len > limits.max_name {
         return Err(ProtocolError::NameTooLong {
@@ -254,9 +244,8 @@ fn scan_pair(buf: &[u8], limits: &ParamLimits) -> Result<Scan, ProtocolError> {
             limit: limits.max_name,
         });
     }
-    let (value_len, value_width) = match read_length(&buf[name_width..]) {
-        Ok(length) => length,
-        Err(_) => return Ok(Scan::NeedMore),
+    let Some((value_len, value_width)) = read_length(&buf[name_width..]) else {
+        return Ok(None);
     };
     if value_len > limits.max_value {
         return Err(ProtocolError::ValueTooLong {
@@ -268,28 +257,21 @@ fn scan_pair(buf: &[u8], limits: &ParamLimits) -> Result<Scan, ProtocolError> {
     // Saturates only on 32-bit targets with limits near 4 GiB; such a pair never completes, and
     // max_total ends the stream.
     let end = value_start.saturating_add(value_len);
-    Ok(if buf.len() < end {
-        Scan::NeedMore
-    } else {
-        Scan::Pair {
-            name: name_width + value_width..value_start,
-            value: value_start..end,
-        }
-    })
+    let name = name_width + value_width..value_start;
+    Ok((buf.len() >= end).then_some((name, value_start..end)))
 }
 
-/// Reads the length at the start of `buf` as (length, bytes it takes), or `Err(n)` when `n` more
-/// bytes are needed to read it.
-fn read_length(buf: &[u8]) -> Result<(usize, usize), usize> {
+/// Reads the length at the start of `buf` as (length, bytes it takes); `None` while it has not
+/// all arrived.
+fn read_length(buf: &[u8]) -> Option<(usize, usize)> {
     match *buf {
-        [] => Err(1),
-        [short, ..] if short < 0x80 => Ok((usize::from(short), 1)),
+        [short, ..] if short < 0x80 => Some((usize::from(short), 1)),
         [b0, b1, b2, b3, ..] => {
             let long = u32::from_be_bytes([b0, b1, b2, b3]) & !LONG_LENGTH;
             // 31 bits fit the usize of every target `bytes` supports.
-            Ok((long as usize, 4))
+            Some((long as usize, 4))
         }
-        _ => Err(4 - buf.len()),
+        _ => None,
     }
 }
 
@@ -363,7 +345,7 @@ mod tests {
             let mut encoded = BytesMut::new();
             put_length(&mut encoded, len);
             assert_eq!(encoded.len(), width);
-            assert_eq!(read_length(&encoded), Ok((len, width)));
+            assert_eq!(read_length(&encoded), Some((len, width)));
 
             let long = vec![b'z'; len];
             for (name, value) in [(&long[..], &b"v"[..]), (&b"n"[..], &long[..])] {
@@ -375,10 +357,7 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn four_byte_lengths_are_big_endian_with_the_high_bit_set() {
+        // Four-byte lengths are big-endian with the high bit set.
         let encoded = encode_pairs(&[(&[b'a'; 0x0102][..], b"")]);
         assert_eq!(&encoded[..5], [0x80, 0x00, 0x01, 0x02, 0x00]);
     }

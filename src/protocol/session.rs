@@ -28,6 +28,14 @@ pub struct Advertised {
     pub max_reqs: usize,
 }
 
+impl Advertised {
+    /// One connection, one request at a time: IIS's stream.
+    pub const ONE: Advertised = Advertised {
+        max_conns: 1,
+        max_reqs: 1,
+    };
+}
+
 /// What the driver must do.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -41,8 +49,7 @@ pub enum Event {
     /// FCGI_ABORT_REQUEST for the running request: its body will not complete.
     Aborted,
     /// A request began while the session takes none ([`Session::set_accepting`], or after a
-    /// response without FCGI_KEEP_CONN): the driver answers it (503) and calls
-    /// [`Session::response_ended`].
+    /// response without FCGI_KEEP_CONN): the driver answers it with [`Session::refuse`].
     Refused { request_id: u16 },
 }
 
@@ -205,8 +212,13 @@ impl Session {
         }
     }
 
-    /// The running request has been answered (or refused) by the driver; see
-    /// [`Session::end_response`].
+    /// Answers the running request with `response` (a 503), written with the replies.
+    pub fn refuse(&mut self, response: &[u8]) {
+        self.replies.extend_from_slice(response);
+        self.response_ended();
+    }
+
+    /// The running request has been answered by the driver; see [`Session::end_response`].
     pub fn response_ended(&mut self) {
         if let State::Running {
             request_id,
@@ -326,8 +338,8 @@ impl Session {
     ) -> Result<Option<Event>, ProtocolError> {
         let State::Head {
             request_id: id,
+            keep_conn,
             params,
-            ..
         } = &mut self.state
         else {
             tracing::debug!(
@@ -344,15 +356,7 @@ impl Session {
             params.push(content)?;
             return Ok(None);
         }
-        let State::Head {
-            request_id,
-            keep_conn,
-            params,
-        } = std::mem::replace(&mut self.state, State::Idle)
-        else {
-            unreachable!("matched above");
-        };
-        let params = params.finish()?;
+        let (keep_conn, params) = (*keep_conn, std::mem::take(params).finish()?);
         self.state = State::Running {
             request_id,
             keep_conn,
@@ -461,18 +465,14 @@ fn encode_values_answer(buf: &mut BytesMut, asked: &Params, advertised: Advertis
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::testing::decode_all;
     use crate::protocol::{
         encode_abort_request, encode_begin_request, encode_end_of_stream, encode_name_value,
         encode_record, encode_stream, RecordType,
     };
 
-    const ADVERTISED: Advertised = Advertised {
-        max_conns: 1,
-        max_reqs: 1,
-    };
-
     fn session() -> Session {
-        Session::new(ParamLimits::default(), ADVERTISED, BytesMut::new())
+        Session::new(ParamLimits::default(), Advertised::ONE, BytesMut::new())
     }
 
     fn begin(buf: &mut BytesMut, id: u16, keep_conn: bool) {
@@ -501,12 +501,8 @@ mod tests {
         while let Some(event) = session.next_event().expect("valid stream") {
             events.push(event);
         }
-        let mut replies = BytesMut::from(&session.take_replies().unwrap_or_default()[..]);
-        let mut records = Vec::new();
-        while let Some(record) = RecordDecoder.decode(&mut replies).expect("valid replies") {
-            records.push(record);
-        }
-        (events, records)
+        let replies = session.take_replies().unwrap_or_default();
+        (events, decode_all(&replies).expect("valid replies"))
     }
 
     fn ended(request_id: u16, status: ProtocolStatus) -> Record {

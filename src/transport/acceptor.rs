@@ -165,11 +165,6 @@ impl Acceptor {
         stuck
     }
 
-    /// Wakes every worker to stop taking connections; they serve the queue until it closes.
-    pub fn stop(&self) {
-        self.stop.ring();
-    }
-
     /// Stops the workers' accepting when dropped, however the I/O thread ends (a panic
     /// included): otherwise they would wait in epoll for ever.
     pub fn stop_on_drop(self: &Arc<Self>) -> StopOnDrop {
@@ -199,8 +194,9 @@ impl Acceptor {
 pub struct StopOnDrop(Arc<Acceptor>);
 
 impl Drop for StopOnDrop {
+    /// Wakes every worker to stop taking connections; they serve the queue until it closes.
     fn drop(&mut self) {
-        self.0.stop();
+        self.0.stop.ring();
     }
 }
 
@@ -305,11 +301,7 @@ impl<'a> WorkerSource<'a> {
             if nudge {
                 acceptor.nudge.answer();
             }
-            let queued = if jobs || nudge {
-                self.try_queued()
-            } else {
-                None
-            };
+            let queued = (jobs || nudge).then(|| self.try_queued()).flatten();
             let took_queued = queued.is_some();
             let work = match queued {
                 Some(work) => Some(work),
@@ -331,12 +323,8 @@ impl<'a> WorkerSource<'a> {
             if let Some(work) = work {
                 // This worker takes one thing; if another may be waiting (it was woken to
                 // both, or by a nudge, which stands for both), another worker looks.
-                let other_waiting = if took_queued {
-                    listener || nudge
-                } else {
-                    jobs || nudge
-                };
-                if other_waiting {
+                let other_kind = if took_queued { listener } else { jobs };
+                if nudge || other_kind {
                     acceptor.nudge.ring();
                 }
                 break work;

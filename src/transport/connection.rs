@@ -64,8 +64,6 @@ struct Running {
 pub struct Connection<S> {
     stream: S,
     session: Session,
-    /// Records this task answers itself (GET_VALUES_RESULT, refusals), written before reading on.
-    replies: BytesMut,
     running: Option<Running>,
     context: Arc<ServerContext>,
     shutdown: Shutdown,
@@ -103,7 +101,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Connection {
             stream,
             session,
-            replies: BytesMut::new(),
             running: None,
             context,
             shutdown,
@@ -123,12 +120,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         loop {
             self.process_buffered()?;
             if let Some(replies) = self.session.take_replies() {
-                self.replies.extend_from_slice(&replies);
-            }
-            if !self.replies.is_empty() {
-                let mut replies = [self.replies.split().freeze()];
                 let send_timeout = self.context.send_timeout;
-                write_all_vectored(&mut self.stream, &mut replies, send_timeout).await?;
+                write_all_vectored(&mut self.stream, &mut [replies], send_timeout).await?;
             }
             if self.is_done() {
                 let _ = self.stream.shutdown().await;
@@ -177,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         self.linger_until = Some(tokio::time::Instant::now() + LINGER);
                     }
                 }
-                _ = linger(self.linger_until) => self.linger_until = None,
+                _ = crate::sleep_until(self.linger_until) => self.linger_until = None,
             }
         }
     }
@@ -217,11 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         // that is still writing it, and it might lose the response.
         self.session.is_idle()
             && !self.session.is_draining()
-            && (self.session.is_closing() || (self.shutting_down && !self.lingering()))
-    }
-
-    fn lingering(&self) -> bool {
-        self.linger_until.is_some()
+            && (self.session.is_closing() || (self.shutting_down && self.linger_until.is_none()))
     }
 
     /// Handles the records already read, stopping at a body record that has to wait for room.
@@ -229,7 +218,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         while !self.has_pending_body() {
             // A shutdown turns new requests away, after the linger for one on its way.
             self.session
-                .set_accepting(!self.shutting_down || self.lingering());
+                .set_accepting(!self.shutting_down || self.linger_until.is_some());
             let Some(event) = self.session.next_event()? else {
                 break;
             };
@@ -286,8 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             &[("Retry-After", "1")],
             b"Service Unavailable\n",
         );
-        self.replies.extend_from_slice(&encoder.finish(0));
-        self.session.response_ended();
+        self.session.refuse(&encoder.finish(0));
     }
 
     /// Passes a piece of the body on, or keeps it while the channel is full.
@@ -359,13 +347,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         write_all_vectored(&mut self.stream, &mut batch, self.context.send_timeout).await?;
         Ok(())
-    }
-}
-
-async fn linger(until: Option<tokio::time::Instant>) {
-    match until {
-        Some(until) => tokio::time::sleep_until(until).await,
-        None => std::future::pending().await,
     }
 }
 

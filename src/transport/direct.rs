@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +26,7 @@ use crate::exchange::{
     BodyInterrupted, BodySource, BodyStream, Job, Output, OutputTarget, ResponseGone, ResponseSink,
     TrySendError,
 };
+use crate::lock;
 use crate::protocol::{self, Advertised, Event, ParamLimits, Session};
 use crate::shutdown::Shutdown;
 
@@ -36,12 +37,6 @@ const READ_CHUNK: usize = 64 * 1024 + 2 * protocol::HEADER_LEN + 256;
 /// How long a worker reads a request head (and records that start no request) on an accepted
 /// connection before handing it to the I/O thread: web servers send a head at once.
 const HEAD_LIMIT: Duration = POLL;
-
-/// IIS's stream: one connection, one request at a time.
-const IIS_STREAM: Advertised = Advertised {
-    max_conns: 1,
-    max_reqs: 1,
-};
 
 /// The socket and the connection's protocol state.
 struct Wire {
@@ -139,33 +134,26 @@ impl Wire {
     /// Reads what is there. With `wait`, blocks until something arrives or the socket's
     /// receive time-out (`POLL`) passes; without, returns at once.
     fn fill(&mut self, wait: bool) -> io::Result<Filled> {
-        let Some(fd) = self.socket.as_ref().map(AsRawFd::as_raw_fd) else {
+        let Some(socket) = &self.socket else {
             return Ok(Filled::End);
         };
         let buf = self.session.read_buf();
         buf.reserve(READ_CHUNK);
         let flags = if wait { 0 } else { libc::MSG_DONTWAIT };
         loop {
-            let spare = buf.spare_capacity_mut();
-            // SAFETY: recv(2) writes at most `spare.len()` bytes into the uninitialised spare
-            // capacity, and only the bytes it reports are marked as initialised below.
-            let read = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), flags) };
-            match read {
-                0 => return Ok(Filled::End),
-                n if n > 0 => {
-                    // SAFETY: the kernel initialised these `n` bytes.
-                    unsafe { buf.set_len(buf.len() + n as usize) };
+            match socket.recv_with_flags(buf.spare_capacity_mut(), flags) {
+                Ok(0) => return Ok(Filled::End),
+                Ok(n) => {
+                    // SAFETY: recv(2) initialised these `n` bytes of the spare capacity.
+                    unsafe { buf.set_len(buf.len() + n) };
                     return Ok(Filled::Data);
                 }
-                _ => {
-                    let error = io::Error::last_os_error();
-                    match error.kind() {
-                        io::ErrorKind::Interrupted => {}
-                        io::ErrorKind::WouldBlock => return Ok(Filled::TimedOut),
-                        io::ErrorKind::ConnectionReset => return Ok(Filled::End),
-                        _ => return Err(error),
-                    }
-                }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => return Ok(Filled::TimedOut),
+                    io::ErrorKind::ConnectionReset => return Ok(Filled::End),
+                    _ => return Err(e),
+                },
             }
         }
     }
@@ -252,10 +240,6 @@ fn writable_within(socket: &Socket, limit: Duration) -> io::Result<bool> {
     }
 }
 
-fn lock(wire: &Mutex<Wire>) -> MutexGuard<'_, Wire> {
-    wire.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// When a connection is given back instead of waited on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Parking {
@@ -288,7 +272,7 @@ impl Driver {
     pub fn new(socket: Socket, shutdown: Shutdown) -> io::Result<Driver> {
         socket.set_nonblocking(false)?;
         let buf = BytesMut::with_capacity(READ_CHUNK);
-        let session = Session::new(ParamLimits::default(), IIS_STREAM, buf);
+        let session = Session::new(ParamLimits::default(), Advertised::ONE, buf);
         let connection = ParkedConnection { socket, session };
         Driver::with(connection, shutdown, Parking::Never, None)
     }
@@ -329,7 +313,7 @@ impl Driver {
     /// every time).
     pub fn finish(self) -> (Option<ParkedConnection>, BytesMut) {
         let mut wire = lock(&self.wire);
-        let empty = Session::new(ParamLimits::default(), IIS_STREAM, BytesMut::new());
+        let empty = Session::new(ParamLimits::default(), Advertised::ONE, BytesMut::new());
         let session = std::mem::replace(&mut wire.session, empty);
         match wire.socket.take() {
             Some(socket) if self.parking == Parking::Parked => {
@@ -402,23 +386,16 @@ impl Driver {
     }
 
     fn job(&self, request_id: u16, params: protocol::Params) -> Job {
-        let aborted = Arc::new(AtomicBool::new(false));
+        let request = DirectRequest {
+            wire: self.wire.clone(),
+            request_id,
+            aborted: Arc::default(),
+            done: false,
+        };
         Job {
             params,
-            body: BodyStream::new(Box::new(DirectBody {
-                wire: self.wire.clone(),
-                request_id,
-                aborted: aborted.clone(),
-                done: false,
-            })),
-            response: ResponseSink::new(
-                request_id,
-                Box::new(DirectOutput {
-                    wire: self.wire.clone(),
-                    request_id,
-                    aborted,
-                }),
-            ),
+            body: BodyStream::new(Box::new(request.clone())),
+            response: ResponseSink::new(request_id, Box::new(request)),
         }
     }
 }
@@ -431,15 +408,18 @@ impl Drop for Driver {
     }
 }
 
-/// `wsgi.input` read straight from the socket.
-struct DirectBody {
+/// A request's `wsgi.input`, read straight from the socket, and its response, written straight
+/// to it.
+#[derive(Clone)]
+struct DirectRequest {
     wire: Arc<Mutex<Wire>>,
     request_id: u16,
     aborted: Arc<AtomicBool>,
+    /// The body has ended.
     done: bool,
 }
 
-impl BodySource for DirectBody {
+impl BodySource for DirectRequest {
     fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted> {
         if self.done {
             return Ok(None);
@@ -463,14 +443,7 @@ impl BodySource for DirectBody {
     }
 }
 
-/// The response, written straight to the socket.
-struct DirectOutput {
-    wire: Arc<Mutex<Wire>>,
-    request_id: u16,
-    aborted: Arc<AtomicBool>,
-}
-
-impl OutputTarget for DirectOutput {
+impl OutputTarget for DirectRequest {
     /// Writing may block on a slow web server, so the caller first releases the GIL and then
     /// calls `send_blocking`.
     fn try_send(&self, output: Output) -> Result<(), TrySendError> {

@@ -14,7 +14,7 @@
 //! every protocol rule; handing a connection from one to the other moves the socket and the
 //! session.
 
-use std::{fmt, io};
+use std::io;
 
 use crate::protocol::ProtocolError;
 
@@ -27,29 +27,10 @@ pub mod queue;
 pub mod server;
 
 /// Why a connection ended early.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConnectionError {
-    Io(io::Error),
-    Protocol(ProtocolError),
-}
-
-impl fmt::Display for ConnectionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConnectionError::Io(e) => write!(f, "I/O error: {e}"),
-            ConnectionError::Protocol(e) => write!(f, "protocol error: {e}"),
-        }
-    }
-}
-
-impl From<io::Error> for ConnectionError {
-    fn from(e: io::Error) -> Self {
-        ConnectionError::Io(e)
-    }
-}
-
-impl From<ProtocolError> for ConnectionError {
-    fn from(e: ProtocolError) -> Self {
-        ConnectionError::Protocol(e)
-    }
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
 }

@@ -84,6 +84,10 @@ pub fn share(
     ))
 }
 
+/// The first descriptor socket activation passes.
+#[cfg(unix)]
+const FIRST_FD: i32 = 3;
+
 /// How often the I/O thread looks whether every worker is stuck with connections waiting.
 #[cfg(target_os = "linux")]
 const OVERFLOW_TICK: Duration = Duration::from_millis(50);
@@ -155,7 +159,6 @@ impl Transport {
     #[cfg(unix)]
     pub fn from_activation() -> Option<Transport> {
         use std::os::fd::FromRawFd;
-        const FIRST_FD: i32 = 3;
         if let Ok(fd) = std::env::var(crate::supervisor::LISTEN_FD_VAR) {
             std::env::remove_var(crate::supervisor::LISTEN_FD_VAR);
             let fd = fd.parse().ok()?;
@@ -228,11 +231,9 @@ pub async fn run(
     tokio::spawn(enforce_grace(trigger.subscribe()));
     match transport {
         Transport::Stream(socket) => {
+            let session = context.session();
             match adopt_stream(socket) {
-                Ok(stream) => {
-                    let session = context.session();
-                    stream.serve(context, trigger.subscribe(), session).await
-                }
+                Ok(stream) => stream.serve(context, trigger.subscribe(), session).await,
                 Err(e) => tracing::error!("cannot use fd 0: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
@@ -240,11 +241,9 @@ pub async fn run(
         }
         #[cfg(windows)]
         Transport::NamedPipe(pipe) => {
+            let session = context.session();
             match crate::windows::adopt_pipe(pipe) {
-                Ok(pipe) => {
-                    let session = context.session();
-                    serve_connection(pipe, context, trigger.subscribe(), session).await
-                }
+                Ok(pipe) => serve_connection(pipe, context, trigger.subscribe(), session).await,
                 Err(e) => tracing::error!("cannot use the IIS pipe: {e}"),
             }
             trigger.fire(Reason::EndOfStream);
@@ -310,7 +309,8 @@ async fn accept_loop(
     mut shutdown: Shutdown,
 ) -> io::Result<Socket> {
     tracing::info!("listening on {}", describe(&socket));
-    let listener = adopt_listener(socket)?;
+    // A copy of the socket: the one to give back for a restart.
+    let listener = adopt_listener(socket.try_clone()?)?;
     let mut connections = JoinSet::new();
     let mut accept_failing = false;
     loop {
@@ -349,7 +349,7 @@ async fn accept_loop(
     }
     // New connections wait in the backlog, for the restarted process (or for nobody).
     while connections.join_next().await.is_some() {}
-    listener.into_socket()
+    Ok(socket)
 }
 
 /// The I/O thread's part when the workers accept (`acceptor.rs`): parked connections, and the
@@ -369,26 +369,20 @@ async fn overflow_loop(
     } = handoff;
     let stop_workers = acceptor.stop_on_drop();
     let connection_shutdown = shutdown.clone();
-    let serve =
-        |connections: &mut JoinSet<()>, parked: ParkedConnection| match adopt_stream(parked.socket)
-        {
-            Ok(stream) => {
-                let shutdown = connection_shutdown.clone();
-                connections.spawn(stream.serve(context.clone(), shutdown, parked.session));
-            }
-            Err(e) => tracing::warn!("cannot serve a connection: {e}"),
+    // Serves the connection here, or (`park`) waits for its next request first.
+    let serve = |connections: &mut JoinSet<()>, parked: ParkedConnection, park: bool| {
+        let stream = match adopt_stream(parked.socket) {
+            Ok(stream) => stream,
+            Err(e) => return tracing::warn!("cannot serve a connection: {e}"),
         };
-    let park =
-        |connections: &mut JoinSet<()>, parked: ParkedConnection| match adopt_stream(parked.socket)
-        {
-            Ok(stream) => {
-                let (acceptor, context) = (acceptor.clone(), context.clone());
-                let shutdown = connection_shutdown.clone();
-                let session = parked.session;
-                connections.spawn(stream.wait_for_request(session, acceptor, context, shutdown));
-            }
-            Err(e) => tracing::warn!("cannot park a connection: {e}"),
-        };
+        let (context, shutdown) = (context.clone(), connection_shutdown.clone());
+        if park {
+            let acceptor = acceptor.clone();
+            connections.spawn(stream.wait_for_request(parked.session, acceptor, context, shutdown));
+        } else {
+            connections.spawn(stream.serve(context, shutdown, parked.session));
+        }
+    };
     let mut connections = JoinSet::new();
     let mut tick = tokio::time::interval(OVERFLOW_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -399,9 +393,9 @@ async fn overflow_loop(
                 // At FCGI_MAX_CONNS a quiet kept connection is closed; the web server reopens.
                 // Waiting for the next request is only for a connection with nothing pending.
                 if !parked.session.is_quiet() {
-                    serve(&mut connections, parked);
+                    serve(&mut connections, parked, false);
                 } else if connections.len() < context.advertised.max_conns {
-                    park(&mut connections, parked);
+                    serve(&mut connections, parked, true);
                 }
             }
             _ = tick.tick() => {
@@ -409,7 +403,7 @@ async fn overflow_loop(
                     while connections.len() < context.advertised.max_conns {
                         let Ok(Some(socket)) = acceptor.accept() else { break };
                         let session = context.session();
-                        serve(&mut connections, ParkedConnection { socket, session });
+                        serve(&mut connections, ParkedConnection { socket, session }, false);
                     }
                 }
             }
@@ -422,7 +416,7 @@ async fn overflow_loop(
     // way lingered for) until the last connection here has finished.
     while !connections.is_empty() {
         tokio::select! {
-            Some(parked) = parked.recv() => serve(&mut connections, parked),
+            Some(parked) = parked.recv() => serve(&mut connections, parked, false),
             _ = connections.join_next() => {}
         }
     }
@@ -458,14 +452,6 @@ enum Stream {
 }
 
 impl Listener {
-    fn into_socket(self) -> io::Result<Socket> {
-        Ok(match self {
-            Listener::Tcp(listener) => Socket::from(listener.into_std()?),
-            #[cfg(unix)]
-            Listener::Unix(listener) => Socket::from(listener.into_std()?),
-        })
-    }
-
     async fn accept(&self) -> io::Result<Stream> {
         match self {
             Listener::Tcp(listener) => {
@@ -501,15 +487,10 @@ impl Stream {
         mut shutdown: Shutdown,
     ) {
         let idle_timeout = context.idle_timeout;
-        let idle = async {
-            match idle_timeout {
-                Some(limit) => tokio::time::sleep(limit).await,
-                None => std::future::pending().await,
-            }
-        };
+        let idle = idle_timeout.map(|limit| tokio::time::Instant::now() + limit);
         let arriving = tokio::select! {
             ready = self.readable() => ready.is_ok(),
-            () = idle => {
+            () = crate::sleep_until(idle) => {
                 super::connection::log_idle_close(idle_timeout.unwrap_or_default());
                 return;
             }
@@ -568,36 +549,23 @@ async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-#[cfg(unix)]
-fn is_unix(socket: &Socket) -> io::Result<bool> {
-    Ok(socket.local_addr()?.is_unix())
-}
-
 fn adopt_listener(socket: Socket) -> io::Result<Listener> {
     socket.set_nonblocking(true)?;
     #[cfg(unix)]
-    if is_unix(&socket)? {
-        let std_listener: std::os::unix::net::UnixListener = socket.into();
-        return Ok(Listener::Unix(tokio::net::UnixListener::from_std(
-            std_listener,
-        )?));
+    if socket.local_addr()?.is_unix() {
+        return tokio::net::UnixListener::from_std(socket.into()).map(Listener::Unix);
     }
-    let std_listener: std::net::TcpListener = socket.into();
-    Ok(Listener::Tcp(tokio::net::TcpListener::from_std(
-        std_listener,
-    )?))
+    tokio::net::TcpListener::from_std(socket.into()).map(Listener::Tcp)
 }
 
 fn adopt_stream(socket: Socket) -> io::Result<Stream> {
     socket.set_nonblocking(true)?;
     #[cfg(unix)]
-    if is_unix(&socket)? {
-        let std_stream: std::os::unix::net::UnixStream = socket.into();
-        return Ok(Stream::Unix(tokio::net::UnixStream::from_std(std_stream)?));
+    if socket.local_addr()?.is_unix() {
+        return tokio::net::UnixStream::from_std(socket.into()).map(Stream::Unix);
     }
-    let std_stream: std::net::TcpStream = socket.into();
-    std_stream.set_nodelay(true)?;
-    Ok(Stream::Tcp(tokio::net::TcpStream::from_std(std_stream)?))
+    socket.set_tcp_nodelay(true)?;
+    tokio::net::TcpStream::from_std(socket.into()).map(Stream::Tcp)
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once.
@@ -680,7 +648,6 @@ pub fn keep_start_environment() {
 pub fn reexec(listener: Socket) -> io::Error {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    const FIRST_FD: i32 = 3;
     let fd = listener.as_raw_fd();
     // SAFETY: dup2/fcntl on descriptors this process owns, right before exec; every other
     // descriptor Rust opened is close-on-exec, so taking fd 3 over is harmless.
