@@ -51,6 +51,34 @@ fn iis_a_stuck_request_is_logged_answered_504_and_the_process_exits_0() {
 }
 
 #[test]
+fn iis_the_watchdogs_504_has_an_access_line() {
+    let app = AppDir::new(
+        "ops.app",
+        &[
+            ("WSGI_REQUEST_TIMEOUT", "1"),
+            ("WSGI_ACCESS_LOG", "access.log"),
+        ],
+    );
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    assert_eq!(client.get(1, &app.iis_params("GET", "/")).status, 200);
+    let response = client.get(2, &app.iis_params("GET", "/spin?stuck"));
+    assert_eq!(response.status, 504);
+    gateway
+        .wait_exit(Duration::from_secs(20))
+        .expect("the process exits");
+    let lines = lines_of(&app.path().join("access.log"), 2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains(&format!(
+            "\"GET /spin?stuck HTTP/1.1\" 504 {} ",
+            response.body.len()
+        )),
+        "{lines:?}"
+    );
+}
+
+#[test]
 fn iis_a_stuck_response_already_started_is_cut_short() {
     let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
     let mut gateway = Gateway::iis(&[]);

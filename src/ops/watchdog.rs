@@ -15,8 +15,8 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use super::sink::TakeOver;
-use super::{lock, service, Ops, Tracked};
+use super::sink::{TakeOver, TIMEOUT_BODY};
+use super::{answered_by_watchdog, lock, service, Ops, Tracked};
 
 /// How often the requests in flight and the memory are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -133,7 +133,11 @@ fn inspect_requests(ops: &'static Ops) {
 fn give_up(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
     tracked.abandoned.store(true, Ordering::Relaxed);
     let stack = stack_of(tracked.thread);
-    let answer = match tracked.sink.take_over() {
+    let outcome = tracked.sink.take_over();
+    if outcome == TakeOver::Answered {
+        answered_by_watchdog(ops, tracked, 504, TIMEOUT_BODY.len() as u64);
+    }
+    let answer = match outcome {
         TakeOver::Answered => "the client is answered 504 Gateway Timeout",
         TakeOver::Cut => "its response, already started, is cut short",
         TakeOver::AlreadyEnded => "its response was complete",
