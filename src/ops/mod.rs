@@ -26,6 +26,8 @@ use crate::exchange::ResponseSink;
 use crate::protocol::Params;
 use crate::shutdown;
 
+#[cfg(unix)]
+pub use service::restart_environment;
 pub use service::{io_finished, listener_for_finish, Cause};
 pub use sink::GuardedSink;
 
@@ -302,7 +304,9 @@ fn start_metrics(settings: &Settings, mode: Mode) {
         );
     } else if mode.supervised {
         metrics::enable();
-    } else if let Err(e) = metrics::serve(address, || metrics::render(&metrics::snapshot(), None)) {
+    } else if let Err(e) = metrics::serve(address, || {
+        metrics::render(&metrics::snapshot(), &metrics::restarts_in_place())
+    }) {
         tracing::error!("{e:#}; metrics are off");
     }
 }

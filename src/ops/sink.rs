@@ -113,12 +113,7 @@ impl GuardedSink {
         let outcome = if state.sent {
             TakeOver::Cut
         } else {
-            exchange::simple_response(
-                &mut encoder,
-                "504 Gateway Timeout",
-                &[],
-                TIMEOUT_BODY,
-            );
+            exchange::simple_response(&mut encoder, "504 Gateway Timeout", &[], TIMEOUT_BODY);
             TakeOver::Answered
         };
         let status = u32::from(outcome == TakeOver::Cut);
