@@ -26,6 +26,8 @@ const GIL_WAIT: Duration = Duration::from_secs(2);
 pub fn spawn(ops: &'static Ops) {
     #[cfg(unix)]
     spawn_stack_dumps();
+    #[cfg(windows)]
+    spawn_stack_event();
     let reports = ops.mode.supervised && super::metrics::enabled();
     if !ops.settings.watches_requests()
         && ops.settings.max_rss.is_none()
@@ -95,6 +97,31 @@ fn spawn_stack_dumps() {
     });
     if let Err(e) = spawned {
         tracing::error!("cannot start the SIGUSR1 thread: {e}");
+    }
+}
+
+/// Setting the named event `Global\wfastcgi-stacks-<pid>` logs every thread's Python stack (the
+/// Windows counterpart of SIGUSR1; `docs/operations.md` shows the PowerShell line).
+#[cfg(windows)]
+fn spawn_stack_event() {
+    let (event, name) = match crate::windows::stack_event() {
+        Ok(created) => created,
+        Err(e) => return tracing::error!("cannot create the stack-dump event: {e}"),
+    };
+    tracing::info!("setting the event {name} logs every thread's Python stack");
+    let spawned = std::thread::Builder::new()
+        .name("wfastcgi-stack-event".into())
+        .spawn(move || loop {
+            if let Err(e) = crate::windows::wait_for(&event) {
+                return tracing::error!("stopped waiting for {name}: {e}");
+            }
+            match python_stacks(None) {
+                Ok(stacks) => tracing::warn!("{name}: the Python stack of every thread:\n{stacks}"),
+                Err(e) => tracing::warn!("{name}: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the stack-dump event thread: {e}");
     }
 }
 
