@@ -691,12 +691,7 @@ fn bind_metrics_count_the_503s_of_a_full_queue() {
     app.wait_for_log("metrics on");
     let params = app.iis_params("GET", "/?nap=3");
     // One request runs, one waits in the queue, the third finds no room.
-    let mut running = gateway.connect();
-    running.send(&Send::new(1, &params));
-    std::thread::sleep(Duration::from_millis(300));
-    let mut queued = gateway.connect();
-    queued.send(&Send::new(1, &params));
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut running, mut queued) = gateway.fill_the_thread_and_the_queue(&params);
     assert_eq!(gateway.connect().get(1, &params).status, 503);
     assert_eq!(running.read_response(1).status, 200);
     assert_eq!(queued.read_response(1).status, 200);
