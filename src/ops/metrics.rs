@@ -458,6 +458,7 @@ mod tests {
         assert_eq!(total.0[at::RSS], 100);
     }
 
+    #[cfg(unix)]
     #[test]
     fn restart_counts_travel() {
         assert_eq!(
