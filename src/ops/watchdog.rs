@@ -66,35 +66,39 @@ fn report_to_supervisor() {
 #[cfg(not(unix))]
 fn report_to_supervisor() {}
 
-/// SIGUSR1 logs every thread's Python stack.
+/// SIGUSR1 logs every thread's Python stack. The handler is installed before this returns (so
+/// before the process reports itself ready): SIGUSR1's default action ends the process.
 #[cfg(unix)]
 fn spawn_stack_dumps() {
     use tokio::signal::unix::{signal, SignalKind};
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build();
-    let spawned = runtime.map_err(|e| e.to_string()).and_then(|runtime| {
-        std::thread::Builder::new()
-            .name("wfastcgi-sigusr1".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let mut dumps = match signal(SignalKind::user_defined1()) {
-                        Ok(dumps) => dumps,
-                        Err(e) => return tracing::error!("cannot watch SIGUSR1: {e}"),
-                    };
-                    while dumps.recv().await.is_some() {
-                        match python_stacks(None) {
-                            Ok(stacks) => tracing::warn!(
-                                "SIGUSR1: the Python stack of every thread:\n{stacks}"
-                            ),
-                            Err(e) => tracing::warn!("SIGUSR1: {e}"),
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return tracing::error!("cannot start the SIGUSR1 thread: {e}"),
+    };
+    let mut dumps = {
+        let _entered = runtime.enter();
+        match signal(SignalKind::user_defined1()) {
+            Ok(dumps) => dumps,
+            Err(e) => return tracing::error!("cannot watch SIGUSR1: {e}"),
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("wfastcgi-sigusr1".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                while dumps.recv().await.is_some() {
+                    match python_stacks(None) {
+                        Ok(stacks) => {
+                            tracing::warn!("SIGUSR1: the Python stack of every thread:\n{stacks}")
                         }
+                        Err(e) => tracing::warn!("SIGUSR1: {e}"),
                     }
-                })
+                }
             })
-            .map(drop)
-            .map_err(|e| e.to_string())
-    });
+        });
     if let Err(e) = spawned {
         tracing::error!("cannot start the SIGUSR1 thread: {e}");
     }
