@@ -165,8 +165,8 @@ fn stack_event_name(prefix: &str) -> String {
 /// Creates the stack-dump event (auto-reset: one dump each time it is set) and returns it with
 /// its name: `Global\wfastcgi-stacks-<pid>`, so an administrator's session can open it (under
 /// IIS the process runs in session 0, whose `Local` namespace is the global one anyway), else
-/// `Local\...` when the account may not create global objects. SYSTEM, Administrators and the
-/// process's own account may set it.
+/// `Local\...` if that name cannot be had (another object holds it). SYSTEM, Administrators and
+/// the process's own account may set it.
 pub fn stack_event() -> io::Result<(OwnedHandle, String)> {
     use windows_sys::Win32::Foundation::{GetLastError, LocalFree, ERROR_ALREADY_EXISTS};
     use windows_sys::Win32::Security::Authorization::{
