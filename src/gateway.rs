@@ -137,6 +137,8 @@ impl Site {
 }
 
 pub fn serve(transport: Transport, options: Options) -> Result<()> {
+    // Before the start environment is kept and Python copies it.
+    ops::metrics::restore_restarts();
     // Before web.config settings go into it (Python's os.environ): an in-place restart starts
     // from this, so it sees web.config as it is then, as a fresh process would.
     #[cfg(unix)]

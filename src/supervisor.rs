@@ -88,14 +88,14 @@ impl Totals {
         for snapshot in self.live.values() {
             sum.add(snapshot);
         }
-        let counts = metrics::SupervisorCounts {
-            restarts: ["file_change", "sighup", "max_requests", "max_rss", "stuck"]
+        let counts = metrics::Replacements {
+            restarts: metrics::RESTART_CAUSES
                 .into_iter()
                 .map(|cause| (cause, self.restarts.get(cause).copied().unwrap_or(0)))
                 .collect(),
-            respawns: self.respawns,
+            respawns: Some(self.respawns),
         };
-        metrics::render(&sum, Some(&counts))
+        metrics::render(&sum, &counts)
     }
 
     fn restarted(&mut self, cause: &'static str) {

@@ -1,5 +1,5 @@
-//! The Windows-only pieces, kept this small: what IIS hands over as standard input, and its
-//! shutdown event. Everything they feed (the connection, the accept loop, shutdown) is the
+//! The Windows-only pieces, kept this small: what IIS hands over as standard input, its
+//! shutdown event, and the named event that asks for a stack dump (Windows' SIGUSR1). Everything they feed (the connection, the accept loop, shutdown) is the
 //! shared code tested on Linux; see ARCHITECTURE.md.
 
 use std::io;
@@ -153,5 +153,89 @@ pub async fn shutdown_event() {
     .await;
     if waited.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// The name of the event that asks this process for every thread's Python stack, in the
+/// namespace `prefix` (`Global` or `Local`).
+fn stack_event_name(prefix: &str) -> String {
+    format!("{prefix}\\wfastcgi-stacks-{}", std::process::id())
+}
+
+/// Creates the stack-dump event (auto-reset: one dump each time it is set) and returns it with
+/// its name: `Global\wfastcgi-stacks-<pid>`, so an administrator's session can open it (under
+/// IIS the process runs in session 0, whose `Local` namespace is the global one anyway), else
+/// `Local\...` if that name cannot be had (another object holds it). SYSTEM, Administrators and
+/// the process's own account may set it.
+pub fn stack_event() -> io::Result<(OwnedHandle, String)> {
+    use windows_sys::Win32::Foundation::{GetLastError, LocalFree, ERROR_ALREADY_EXISTS};
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+    };
+    use windows_sys::Win32::Security::SECURITY_ATTRIBUTES;
+    use windows_sys::Win32::System::Threading::CreateEventW;
+    let wide = |text: &str| text.encode_utf16().chain([0]).collect::<Vec<u16>>();
+    // GA: all access. SY SYSTEM, BA Administrators, OW the owner (this process's account).
+    let sddl = wide("D:(A;;GA;;;SY)(A;;GA;;;BA)(A;;GA;;;OW)");
+    let mut descriptor = std::ptr::null_mut();
+    // SAFETY: a NUL-terminated SDDL string and a pointer to receive the descriptor, which is
+    // freed with LocalFree below.
+    let converted = unsafe {
+        ConvertStringSecurityDescriptorToSecurityDescriptorW(
+            sddl.as_ptr(),
+            SDDL_REVISION_1,
+            &mut descriptor,
+            std::ptr::null_mut(),
+        )
+    } != 0;
+    let attributes = SECURITY_ATTRIBUTES {
+        nLength: std::mem::size_of::<SECURITY_ATTRIBUTES>() as u32,
+        // Without it (never in practice), the default: the process's account and SYSTEM.
+        lpSecurityDescriptor: if converted {
+            descriptor
+        } else {
+            std::ptr::null_mut()
+        },
+        bInheritHandle: 0,
+    };
+    let mut error = io::Error::other("no namespace tried");
+    for prefix in ["Global", "Local"] {
+        let name = stack_event_name(prefix);
+        let wide_name = wide(&name);
+        // SAFETY: valid attributes and a NUL-terminated name; a non-null result is a new handle
+        // this process owns.
+        let handle = unsafe { CreateEventW(&attributes, 0, 0, wide_name.as_ptr()) };
+        if handle.is_null() {
+            error = io::Error::last_os_error();
+            continue;
+        }
+        // SAFETY: as above, a new handle.
+        let handle = unsafe { OwnedHandle::from_raw_handle(handle as RawHandle) };
+        // SAFETY: GetLastError right after CreateEventW succeeded.
+        if unsafe { GetLastError() } == ERROR_ALREADY_EXISTS {
+            error = io::Error::other(format!("{name} already exists"));
+            continue;
+        }
+        if converted {
+            // SAFETY: the descriptor ConvertStringSecurityDescriptor allocated.
+            unsafe { LocalFree(descriptor) };
+        }
+        return Ok((handle, name));
+    }
+    if converted {
+        // SAFETY: as above.
+        unsafe { LocalFree(descriptor) };
+    }
+    Err(error)
+}
+
+/// Blocks until `event` is set.
+pub fn wait_for(event: &OwnedHandle) -> io::Result<()> {
+    use std::os::windows::io::AsRawHandle;
+    use windows_sys::Win32::Foundation::WAIT_OBJECT_0;
+    // SAFETY: a live event handle this process owns.
+    match unsafe { WaitForSingleObject(event.as_raw_handle() as HANDLE, INFINITE) } {
+        WAIT_OBJECT_0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
     }
 }

@@ -44,12 +44,7 @@ fn a_full_queue_answers_503_at_once() {
     let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
     let params = app.iis_params("GET", "/?sleep=3");
     // One request runs, one waits in the queue, the third finds no room.
-    let mut running = gateway.connect();
-    running.send(&Send::new(1, &params));
-    std::thread::sleep(Duration::from_millis(300));
-    let mut queued = gateway.connect();
-    queued.send(&Send::new(1, &params));
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut running, mut queued) = gateway.fill_the_thread_and_the_queue(&params);
     let refused = gateway.connect().get(1, &params);
     assert_eq!(refused.status, 503);
     assert_eq!(refused.header("Retry-After"), Some("1"));

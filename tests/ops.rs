@@ -51,6 +51,34 @@ fn iis_a_stuck_request_is_logged_answered_504_and_the_process_exits_0() {
 }
 
 #[test]
+fn iis_the_watchdogs_504_has_an_access_line() {
+    let app = AppDir::new(
+        "ops.app",
+        &[
+            ("WSGI_REQUEST_TIMEOUT", "1"),
+            ("WSGI_ACCESS_LOG", "access.log"),
+        ],
+    );
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    assert_eq!(client.get(1, &app.iis_params("GET", "/")).status, 200);
+    let response = client.get(2, &app.iis_params("GET", "/spin?stuck"));
+    assert_eq!(response.status, 504);
+    gateway
+        .wait_exit(Duration::from_secs(20))
+        .expect("the process exits");
+    let lines = lines_of(&app.path().join("access.log"), 2);
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains(&format!(
+            "\"GET /spin?stuck HTTP/1.1\" 504 {} ",
+            response.body.len()
+        )),
+        "{lines:?}"
+    );
+}
+
+#[test]
 fn iis_a_stuck_response_already_started_is_cut_short() {
     let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
     let mut gateway = Gateway::iis(&[]);
@@ -650,4 +678,72 @@ fn processes_max_requests_replaces_workers_without_a_failed_request() {
     // Three recycled need a replacement that served too.
     assert!(pids.len() >= 3, "{pids:?}");
     assert!(!log.contains("exited:"), "{log}");
+}
+
+#[test]
+fn bind_metrics_count_the_503s_of_a_full_queue() {
+    let address = free_tcp_address().to_string();
+    let app = AppDir::new(
+        "ops.app",
+        &[("WSGI_METRICS", &address), ("WSGI_QUEUE_LENGTH", "1")],
+    );
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &["--threads", "1"]);
+    app.wait_for_log("metrics on");
+    let params = app.iis_params("GET", "/?nap=3");
+    // One request runs, one waits in the queue, the third finds no room.
+    let (mut running, mut queued) = gateway.fill_the_thread_and_the_queue(&params);
+    assert_eq!(gateway.connect().get(1, &params).status, 503);
+    assert_eq!(running.read_response(1).status, 200);
+    assert_eq!(queued.read_response(1).status, 200);
+    let mut samples = Default::default();
+    wait_until("the two requests run counted", || {
+        samples = scrape(&address).1;
+        samples.get("wfastcgi_requests_total{class=\"2xx\"}") == Some(&2.0)
+    });
+    assert_eq!(
+        sample(&samples, "wfastcgi_queue_full_refusals_total{}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&samples, "wfastcgi_requests_total{class=\"5xx\"}"),
+        0.0,
+        "the application never saw it"
+    );
+}
+
+#[test]
+fn bind_restart_counts_survive_the_in_place_restart() {
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let address = format!("unix:{}", dir.path().join("metrics.sock").display());
+    let app = AppDir::new(
+        "ops.app",
+        &[("WSGI_METRICS", &address), ("WSGI_MAX_REQUESTS", "2")],
+    );
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let restarts = |cause: &str| {
+        let key = format!("wfastcgi_worker_restarts_total{{cause=\"{cause}\"}}");
+        sample(&scrape(&address).1, &key)
+    };
+    app.wait_for_log("metrics on");
+    assert_eq!(restarts("max_requests"), 0.0);
+    let mut pids = std::collections::HashSet::new();
+    for round in 1..=2 {
+        for _ in 0..2 {
+            let response = gateway.connect().get(1, &app.iis_params("GET", "/"));
+            assert_eq!(response.status, 200);
+            pids.insert(response.text());
+        }
+        wait_until("the restarted process serves metrics", || {
+            app.log().matches("metrics on").count() == round + 1
+        });
+        assert_eq!(restarts("max_requests"), round as f64, "{}", app.log());
+    }
+    assert_eq!(pids.len(), 1, "restarted in place: the same process id");
+    // A changed file restarts it too, counted under its own cause.
+    std::fs::write(app.path().join("touched.py"), "").expect("write");
+    wait_until("the third restart", || {
+        app.log().matches("metrics on").count() == 4
+    });
+    assert_eq!(restarts("file_change"), 1.0);
+    assert_eq!(restarts("max_requests"), 2.0);
 }

@@ -4,13 +4,17 @@
 //!
 //! Lines are gathered into batches of up to 32 KiB, sent to the writer when full and every
 //! 100 ms (by the watchdog thread): one line per message cost a wake-up of the writer thread and
-//! a write(2) per request. What is left costs 0.5 µs a request (BENCHMARKS.md).
+//! a write(2) per request. A line is bytes appended to the batch in place (no allocation, no
+//! UTF-8 check: every byte written is ASCII or the format's own text), the parameters it needs
+//! are found in one pass, and the time comes from the coarse clock, formatted once a second.
+//! The batch's lock is taken with the GIL held (the line is written where the request ends), so
+//! worker threads never contend for it; only the watchdog's flush can. The cost is in
+//! BENCHMARKS.md ("Operations overhead").
 
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
@@ -67,6 +71,13 @@ enum Unit {
 /// A parsed `WSGI_ACCESS_LOG_FORMAT`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Format(Vec<Atom>);
+
+impl Format {
+    /// Whether a line shows the request's duration (else it need not be timed).
+    pub fn needs_duration(&self) -> bool {
+        self.0.iter().any(|atom| matches!(atom, Atom::Duration(_)))
+    }
+}
 
 impl Format {
     pub fn parse(text: &str) -> Result<Format> {
@@ -154,12 +165,13 @@ pub struct Entry<'a> {
 
 impl Format {
     pub fn line(&self, entry: &Entry<'_>) -> String {
-        let mut out = String::with_capacity(160);
+        let mut out = Vec::with_capacity(160);
         self.write_line(entry, &mut out, &mut Clock::default());
-        out
+        // ASCII and the format's own text only.
+        String::from_utf8_lossy(&out).into_owned()
     }
 
-    fn write_line(&self, entry: &Entry<'_>, out: &mut String, clock: &mut Clock) {
+    fn write_line(&self, entry: &Entry<'_>, out: &mut Vec<u8>, clock: &mut Clock) {
         let fields = Fields::of(entry.params);
         let uri = match fields.request_uri {
             [] => fields.path_info,
@@ -167,15 +179,15 @@ impl Format {
         };
         for atom in &self.0 {
             match atom {
-                Atom::Text(text) => out.push_str(text),
+                Atom::Text(text) => out.extend_from_slice(text.as_bytes()),
                 Atom::RemoteAddr => push_or_dash(out, fields.remote_addr),
                 Atom::RemoteUser => push_or_dash(out, fields.remote_user),
-                Atom::Time => out.push_str(clock.now()),
+                Atom::Time => out.extend_from_slice(clock.now()),
                 Atom::RequestLine => {
                     push_escaped(out, fields.method);
-                    out.push(' ');
+                    out.push(b' ');
                     push_escaped(out, uri);
-                    out.push(' ');
+                    out.push(b' ');
                     push_escaped(out, fields.protocol);
                 }
                 Atom::Method => push_escaped(out, fields.method),
@@ -186,12 +198,12 @@ impl Format {
                 Atom::Query => {
                     let query = fields.query;
                     if !query.is_empty() {
-                        out.push('?');
+                        out.push(b'?');
                         push_escaped(out, query);
                     }
                 }
                 Atom::Status => push_number(out, u64::from(entry.status)),
-                Atom::Bytes { dash: true } if entry.bytes == 0 => out.push('-'),
+                Atom::Bytes { dash: true } if entry.bytes == 0 => out.push(b'-'),
                 Atom::Bytes { .. } => push_number(out, entry.bytes),
                 Atom::Duration(unit) => {
                     let value = match unit {
@@ -199,10 +211,12 @@ impl Format {
                         Unit::Millis => entry.duration.as_millis(),
                         Unit::Micros => entry.duration.as_micros(),
                     };
-                    let _ = write!(out, "{value}");
+                    push_number(out, u64::try_from(value).unwrap_or(u64::MAX));
                 }
                 Atom::RequestId => {
-                    let _ = write!(out, "{:x}-{}", std::process::id(), entry.number);
+                    out.extend_from_slice(process_hex().as_bytes());
+                    out.push(b'-');
+                    push_number(out, entry.number);
                 }
                 Atom::Header(name) | Atom::Param(name) => {
                     let value = match name.as_slice() {
@@ -215,6 +229,12 @@ impl Format {
             }
         }
     }
+}
+
+/// This process's id in hexadecimal, for `%L`.
+fn process_hex() -> &'static str {
+    static PID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PID.get_or_init(|| format!("{:x}", std::process::id()))
 }
 
 /// The parameters the usual formats need, found in one pass (a lookup each would walk the
@@ -256,7 +276,7 @@ impl<'a> Fields<'a> {
 }
 
 /// A number in decimal, without `fmt`'s machinery (a tenth of the line's cost with it).
-fn push_number(out: &mut String, mut n: u64) {
+fn push_number(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -267,12 +287,12 @@ fn push_number(out: &mut String, mut n: u64) {
             break;
         }
     }
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    out.extend_from_slice(&digits[at..]);
 }
 
-fn push_or_dash(out: &mut String, value: &[u8]) {
+fn push_or_dash(out: &mut Vec<u8>, value: &[u8]) {
     if value.is_empty() {
-        out.push('-');
+        out.push(b'-');
     } else {
         push_escaped(out, value);
     }
@@ -280,23 +300,23 @@ fn push_or_dash(out: &mut String, value: &[u8]) {
 
 /// As Apache does: `"` and `\` escaped with a backslash, control characters and bytes above
 /// 0x7e as `\xhh`, so a request cannot forge lines or fields.
-fn push_escaped(out: &mut String, value: &[u8]) {
+fn push_escaped(out: &mut Vec<u8>, value: &[u8]) {
     let plain = |b: &u8| matches!(b, 0x20..=0x7e) && *b != b'"' && *b != b'\\';
     if value.iter().all(plain) {
-        // Printable ASCII only, so valid UTF-8.
-        out.push_str(std::str::from_utf8(value).unwrap_or_default());
+        out.extend_from_slice(value);
         return;
     }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     for &b in value {
         match b {
-            b'"' | b'\\' => {
-                out.push('\\');
-                out.push(b as char);
-            }
-            0x20..=0x7e => out.push(b as char),
-            _ => {
-                let _ = write!(out, "\\x{b:02x}");
-            }
+            b'"' | b'\\' => out.extend_from_slice(&[b'\\', b]),
+            0x20..=0x7e => out.push(b),
+            _ => out.extend_from_slice(&[
+                b'\\',
+                b'x',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 15)],
+            ]),
         }
     }
 }
@@ -305,32 +325,46 @@ fn push_escaped(out: &mut String, value: &[u8]) {
 #[derive(Default)]
 struct Clock {
     second: u64,
-    text: String,
+    text: Vec<u8>,
 }
 
 impl Clock {
-    fn now(&mut self) -> &str {
-        let now = SystemTime::now();
-        let second = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+    fn now(&mut self) -> &[u8] {
+        let second = unix_seconds();
         if second != self.second || self.text.is_empty() {
             self.second = second;
             self.text.clear();
-            push_time(&mut self.text, now);
+            push_time(&mut self.text, second);
         }
         &self.text
     }
 }
 
+/// Seconds since 1970 from the coarse clock: it is read without asking the hardware (it moves
+/// at each timer tick, a few ms), and %t shows whole seconds.
+#[cfg(target_os = "linux")]
+fn unix_seconds() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given, which lives on this stack frame.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut now) };
+    u64::try_from(now.tv_sec).unwrap_or(0)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// `[30/Nov/2026:02:57:00 +0000]`.
-fn push_time(out: &mut String, now: SystemTime) {
+fn push_time(out: &mut Vec<u8>, seconds: u64) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let seconds = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let (year, month, day) = civil_from_days((seconds / 86_400) as i64);
     let time = seconds % 86_400;
     let _ = write!(
@@ -374,7 +408,7 @@ pub enum Sink {
 
 #[derive(Default)]
 pub struct Batch {
-    lines: String,
+    lines: Vec<u8>,
     clock: Clock,
 }
 
@@ -408,7 +442,7 @@ impl Sink {
                 let mut batch = lock(batch);
                 let Batch { lines, clock } = &mut *batch;
                 format.write_line(entry, lines, clock);
-                lines.push('\n');
+                lines.push(b'\n');
                 if lines.len() >= BATCH {
                     send(writer, lines);
                 }
@@ -426,9 +460,9 @@ impl Sink {
 
 /// One message of whole lines: the writer thread writes it with one write(2), so processes
 /// appending to the same file do not mix their lines.
-fn send(writer: &tracing_appender::non_blocking::NonBlocking, lines: &mut String) {
+fn send(writer: &tracing_appender::non_blocking::NonBlocking, lines: &mut Vec<u8>) {
     if !lines.is_empty() {
-        let _ = writer.clone().write_all(lines.as_bytes());
+        let _ = writer.clone().write_all(lines);
         lines.clear();
     }
 }
@@ -494,17 +528,14 @@ mod tests {
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_422), (2025, 11, 30));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        let mut out = String::new();
-        push_time(
-            &mut out,
-            SystemTime::UNIX_EPOCH + Duration::from_secs(86_399),
-        );
-        assert_eq!(out, "[01/Jan/1970:23:59:59 +0000]");
-        let mut numbers = String::new();
+        let mut out = Vec::new();
+        push_time(&mut out, 86_399);
+        assert_eq!(out, b"[01/Jan/1970:23:59:59 +0000]");
+        let mut numbers = Vec::new();
         for n in [0, 7, 10, 504, u64::MAX] {
             push_number(&mut numbers, n);
-            numbers.push(' ');
+            numbers.push(b' ');
         }
-        assert_eq!(numbers, "0 7 10 504 18446744073709551615 ");
+        assert_eq!(numbers, b"0 7 10 504 18446744073709551615 ");
     }
 }

@@ -32,7 +32,8 @@ mod at {
     pub const EXCEPTIONS: usize = 24;
     pub const RSS: usize = 25;
     pub const GIL_MICROS: usize = 26;
-    pub const LEN: usize = 27;
+    pub const QUEUE_FULL: usize = 27;
+    pub const LEN: usize = 28;
 }
 
 /// One process's values, in the order of [`at`]; what a worker sends the supervisor.
@@ -130,6 +131,13 @@ pub fn request_ended(status: u16, bytes_in: u64, bytes_out: u64, duration: Durat
     add(at::SUM_MICROS, duration.as_micros() as u64);
 }
 
+/// A request was answered 503 at once: every worker was busy and the job queue full.
+pub fn refused_queue_full() {
+    if enabled() {
+        add(at::QUEUE_FULL, 1);
+    }
+}
+
 /// The application raised (or broke the WSGI contract).
 pub fn app_exception() {
     if enabled() {
@@ -153,16 +161,74 @@ pub fn snapshot() -> Snapshot {
     snapshot
 }
 
-/// Counted only by the supervisor: worker restarts by cause, and workers that died.
+/// Processes replaced on purpose, by cause, and (with a supervisor) workers that died: counted
+/// by the supervisor of `--processes`, or by a single `--bind` process across its in-place
+/// restarts ([`restarts_in_place`]).
 #[derive(Debug, Default, Clone)]
-pub struct SupervisorCounts {
+pub struct Replacements {
     /// `(cause, count)`, in a fixed order.
     pub restarts: Vec<(&'static str, u64)>,
-    pub respawns: u64,
+    /// `None` without a supervisor.
+    pub respawns: Option<u64>,
 }
 
-/// The OpenMetrics text of `snapshot`, plus the supervisor's counts when there is one.
-pub fn render(snapshot: &Snapshot, supervisor: Option<&SupervisorCounts>) -> String {
+/// The causes of a restart, as the metrics label them.
+pub const RESTART_CAUSES: [&str; 5] = ["file_change", "sighup", "max_requests", "max_rss", "stuck"];
+
+/// The variable that carries a `--bind` process's restart counts across its in-place restart
+/// (`file_change=1,stuck=2`), as the listening socket is carried.
+pub const RESTARTS_VAR: &str = "WFASTCGI_RESTARTS";
+
+/// This process's restarts so far, by cause (in the order of [`RESTART_CAUSES`]).
+static RESTARTS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+
+/// Takes the counts an in-place restart passed in [`RESTARTS_VAR`], and removes the variable so
+/// the application's child processes do not see it. Call before Python starts.
+pub fn restore_restarts() {
+    let Some(value) = std::env::var_os(RESTARTS_VAR) else {
+        return;
+    };
+    std::env::remove_var(RESTARTS_VAR);
+    for pair in value.to_string_lossy().split(',') {
+        let Some((cause, count)) = pair.split_once('=') else {
+            continue;
+        };
+        let index = RESTART_CAUSES.iter().position(|&known| known == cause);
+        if let (Some(index), Ok(count)) = (index, count.parse()) {
+            RESTARTS[index].store(count, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The value of [`RESTARTS_VAR`] for the process that replaces this one in place because of
+/// `cause`: the counts so far plus this restart.
+#[cfg(unix)]
+pub fn restarts_after(cause: &str) -> String {
+    RESTART_CAUSES
+        .iter()
+        .zip(&RESTARTS)
+        .map(|(&known, count)| {
+            let count = count.load(Ordering::Relaxed) + u64::from(known == cause);
+            format!("{known}={count}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A single `--bind` process's restarts, carried across its in-place restarts.
+pub fn restarts_in_place() -> Replacements {
+    Replacements {
+        restarts: RESTART_CAUSES
+            .iter()
+            .zip(&RESTARTS)
+            .map(|(&cause, count)| (cause, count.load(Ordering::Relaxed)))
+            .collect(),
+        respawns: None,
+    }
+}
+
+/// The OpenMetrics text of `snapshot`, plus the restarts (and respawns) counted.
+pub fn render(snapshot: &Snapshot, replacements: &Replacements) -> String {
     let v = &snapshot.0;
     let mut out = String::with_capacity(4096);
     header(
@@ -177,7 +243,7 @@ pub fn render(snapshot: &Snapshot, supervisor: Option<&SupervisorCounts>) -> Str
             class + 1
         ));
     }
-    let simple: [(&str, &str, &str, String); 7] = [
+    let simple: [(&str, &str, &str, String); 8] = [
         (
             "wfastcgi_requests_in_flight",
             "gauge",
@@ -189,6 +255,12 @@ pub fn render(snapshot: &Snapshot, supervisor: Option<&SupervisorCounts>) -> Str
             "gauge",
             "Requests waiting for a worker thread.",
             v[at::QUEUE].to_string(),
+        ),
+        (
+            "wfastcgi_queue_full_refusals",
+            "counter",
+            "Requests answered 503 at once: every worker busy and the queue full.",
+            v[at::QUEUE_FULL].to_string(),
         ),
         (
             "wfastcgi_request_bytes",
@@ -250,17 +322,17 @@ pub fn render(snapshot: &Snapshot, supervisor: Option<&SupervisorCounts>) -> Str
     }
     out.push_str(&format!("{name}_count {}\n", v[at::COUNT]));
     out.push_str(&format!("{name}_sum {}\n", seconds(v[at::SUM_MICROS])));
-    if let Some(supervisor) = supervisor {
-        let name = "wfastcgi_worker_restarts";
-        header(
-            &mut out,
-            name,
-            "counter",
-            "Workers replaced on purpose, by cause.",
-        );
-        for (cause, count) in &supervisor.restarts {
-            out.push_str(&format!("{name}_total{{cause=\"{cause}\"}} {count}\n"));
-        }
+    let name = "wfastcgi_worker_restarts";
+    header(
+        &mut out,
+        name,
+        "counter",
+        "Processes replaced on purpose (workers, or a single --bind process restarted in place), by cause.",
+    );
+    for (cause, count) in &replacements.restarts {
+        out.push_str(&format!("{name}_total{{cause=\"{cause}\"}} {count}\n"));
+    }
+    if let Some(respawns) = replacements.respawns {
         let name = "wfastcgi_worker_respawns";
         header(
             &mut out,
@@ -268,7 +340,7 @@ pub fn render(snapshot: &Snapshot, supervisor: Option<&SupervisorCounts>) -> Str
             "counter",
             "Workers that died and were started again.",
         );
-        out.push_str(&format!("{name}_total {}\n", supervisor.respawns));
+        out.push_str(&format!("{name}_total {respawns}\n"));
     }
     out.push_str("# EOF\n");
     out
@@ -384,6 +456,15 @@ mod tests {
         total.add(&one.retired());
         assert_eq!(total.0[at::STATUS + 1], 6);
         assert_eq!(total.0[at::RSS], 100);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn restart_counts_travel() {
+        assert_eq!(
+            restarts_after("stuck"),
+            "file_change=0,sighup=0,max_requests=0,max_rss=0,stuck=1"
+        );
     }
 
     #[test]

@@ -26,6 +26,8 @@ use crate::exchange::ResponseSink;
 use crate::protocol::Params;
 use crate::shutdown;
 
+#[cfg(unix)]
+pub use service::restart_environment;
 pub use service::{io_finished, listener_for_finish, Cause};
 pub use sink::GuardedSink;
 
@@ -243,6 +245,8 @@ struct Ops {
     /// WSGI_MAX_REQUESTS plus this process's jitter.
     request_limit: Option<u64>,
     access: Option<access::Sink>,
+    /// The access log shows durations: requests are timed even without metrics.
+    times_requests: bool,
 }
 
 static OPS: OnceLock<Ops> = OnceLock::new();
@@ -269,7 +273,9 @@ pub fn start(config: &AppConfig, trigger: shutdown::Trigger, mode: Mode) {
             .ok()
     });
     start_metrics(&settings, mode);
+    let times_requests = access.is_some() && settings.access_log_format.needs_duration();
     let ops = Ops {
+        times_requests,
         access,
         settings,
         shutdown: trigger.subscribe(),
@@ -298,7 +304,9 @@ fn start_metrics(settings: &Settings, mode: Mode) {
         );
     } else if mode.supervised {
         metrics::enable();
-    } else if let Err(e) = metrics::serve(address, || metrics::render(&metrics::snapshot(), None)) {
+    } else if let Err(e) = metrics::serve(address, || {
+        metrics::render(&metrics::snapshot(), &metrics::restarts_in_place())
+    }) {
         tracing::error!("{e:#}; metrics are off");
     }
 }
@@ -355,26 +363,38 @@ struct Tracked {
     slow_logged: std::sync::atomic::AtomicBool,
     /// Answered by the watchdog; its thread is given up on.
     abandoned: std::sync::atomic::AtomicBool,
+    /// Counted in the metrics and the access log, by whichever of its thread and the watchdog
+    /// ended it first.
+    accounted: std::sync::atomic::AtomicBool,
+    /// Its parameters, for the access line the watchdog writes when it answers (kept only with
+    /// an access log).
+    params: Option<Params>,
+    bytes_in: u64,
 }
 
 /// One request the application runs.
 pub struct InFlight {
     sink: Arc<GuardedSink>,
     tracked: Option<Arc<Tracked>>,
-    started: Instant,
+    /// When it started, if anything shows its duration (metrics, the access log's `%D`...).
+    started: Option<Instant>,
+    /// CONTENT_LENGTH.
+    bytes_in: u64,
 }
 
-/// The application is about to run a request: its response goes through the returned sink,
-/// which the watchdog can answer in its place.
+/// The application is about to run a request (`bytes_in`: its CONTENT_LENGTH): its response
+/// goes through the returned sink, which the watchdog can answer in its place.
 pub fn begin(
     thread: impl FnOnce() -> u64,
     line: impl FnOnce() -> String,
+    params: &Params,
+    bytes_in: u64,
     sink: ResponseSink,
 ) -> InFlight {
     let sink = Arc::new(GuardedSink::new(sink));
     metrics::request_started();
-    let tracked = OPS
-        .get()
+    let ops = OPS.get();
+    let tracked = ops
         .filter(|ops| ops.settings.watches_requests())
         .map(|ops| {
             let tracked = Arc::new(Tracked {
@@ -384,14 +404,23 @@ pub fn begin(
                 sink: sink.clone(),
                 slow_logged: Default::default(),
                 abandoned: Default::default(),
+                accounted: Default::default(),
+                params: ops.access.as_ref().map(|_| params.clone()),
+                bytes_in,
             });
             lock(&ops.running).push(tracked.clone());
             tracked
         });
+    let timed = metrics::enabled() || ops.is_some_and(|ops| ops.times_requests);
+    let started = match &tracked {
+        Some(tracked) => Some(tracked.started),
+        None => timed.then(Instant::now),
+    };
     InFlight {
         sink,
         tracked,
-        started: Instant::now(),
+        started,
+        bytes_in,
     }
 }
 
@@ -405,25 +434,13 @@ impl InFlight {
         let Some(ops) = OPS.get() else { return };
         if let Some(tracked) = &self.tracked {
             lock(&ops.running).retain(|t| !Arc::ptr_eq(t, tracked));
+            if tracked.accounted.swap(true, Ordering::AcqRel) {
+                // The watchdog answered it, and counted it.
+                return;
+            }
         }
-        let served = ops.served.fetch_add(1, Ordering::Relaxed) + 1;
-        if metrics::enabled() {
-            let bytes_in = params
-                .get(b"CONTENT_LENGTH")
-                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse().ok())
-                .unwrap_or(0);
-            metrics::request_ended(status, bytes_in, bytes, self.started.elapsed());
-        }
-        if let Some(sink) = &ops.access {
-            let entry = access::Entry {
-                params,
-                status,
-                bytes,
-                duration: self.started.elapsed(),
-                number: served,
-            };
-            sink.record(&ops.settings.access_log_format, &entry);
-        }
+        let duration = self.started.map(|started| started.elapsed());
+        let served = account(ops, params, status, self.bytes_in, bytes, duration);
         if let (Some(limit), Some(max)) = (ops.request_limit, ops.settings.max_requests) {
             if served == limit {
                 service::recycle(
@@ -437,6 +454,44 @@ impl InFlight {
             }
         }
     }
+}
+
+/// Counts an ended request in the metrics and writes its access line; returns its number.
+fn account(
+    ops: &Ops,
+    params: &Params,
+    status: u16,
+    bytes_in: u64,
+    bytes_out: u64,
+    duration: Option<Duration>,
+) -> u64 {
+    let served = ops.served.fetch_add(1, Ordering::Relaxed) + 1;
+    if metrics::enabled() {
+        metrics::request_ended(status, bytes_in, bytes_out, duration.unwrap_or_default());
+    }
+    if let Some(sink) = &ops.access {
+        let entry = access::Entry {
+            params,
+            status,
+            bytes: bytes_out,
+            duration: duration.unwrap_or_default(),
+            number: served,
+        };
+        sink.record(&ops.settings.access_log_format, &entry);
+    }
+    served
+}
+
+/// The watchdog answered a stuck request with `status` and `bytes` of body: counted now, since
+/// its thread may never end it.
+fn answered_by_watchdog(ops: &Ops, tracked: &Tracked, status: u16, bytes: u64) {
+    if tracked.accounted.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let duration = Some(tracked.started.elapsed());
+    let empty = Params::default();
+    let params = tracked.params.as_ref().unwrap_or(&empty);
+    account(ops, params, status, tracked.bytes_in, bytes, duration);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

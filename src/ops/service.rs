@@ -58,6 +58,9 @@ pub fn listener_for_finish() -> Option<Option<Socket>> {
 }
 
 static REPLACING: AtomicBool = AtomicBool::new(false);
+/// Why this process restarts, when recycling started the restart (else a file changed).
+#[cfg(unix)]
+static RESTART_CAUSE: Mutex<Option<Cause>> = Mutex::new(None);
 static ABANDONING: AtomicBool = AtomicBool::new(false);
 
 /// Why a process is recycled (the supervisor counts them by cause).
@@ -99,7 +102,28 @@ pub(super) fn recycle(ops: &Ops, why: Cause, cause: String) {
         return;
     }
     tracing::info!("recycling: {cause}; finishing the requests in flight, then restarting");
-    ops.trigger.fire(Reason::Restart);
+    let first = ops.trigger.fire(Reason::Restart);
+    #[cfg(unix)]
+    if first {
+        *lock(&RESTART_CAUSE) = Some(why);
+    }
+    #[cfg(not(unix))]
+    let _ = first;
+}
+
+/// What an in-place restart adds to the environment of the process that replaces this one: the
+/// restart counts, this restart included, for the metrics. A restart not started by recycling
+/// was started by the file watcher (a single `--bind` process has no other).
+#[cfg(unix)]
+pub fn restart_environment() -> [(&'static str, String); 1] {
+    let cause = match *lock(&RESTART_CAUSE) {
+        Some(cause) => Cause::label(cause.code()),
+        None => "file_change",
+    };
+    [(
+        super::metrics::RESTARTS_VAR,
+        super::metrics::restarts_after(cause),
+    )]
 }
 
 /// Asks the supervisor of `--processes` for a replacement; false without one.

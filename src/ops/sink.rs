@@ -35,6 +35,9 @@ pub enum TakeOver {
     Busy,
 }
 
+/// The body of the watchdog's 504.
+pub const TIMEOUT_BODY: &[u8] = b"Gateway Timeout: the application did not answer in time\n";
+
 /// How long the watchdog waits for a thread that is writing the response.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(1);
 
@@ -110,12 +113,7 @@ impl GuardedSink {
         let outcome = if state.sent {
             TakeOver::Cut
         } else {
-            exchange::simple_response(
-                &mut encoder,
-                "504 Gateway Timeout",
-                &[],
-                b"Gateway Timeout: the application did not answer in time\n",
-            );
+            exchange::simple_response(&mut encoder, "504 Gateway Timeout", &[], TIMEOUT_BODY);
             TakeOver::Answered
         };
         let status = u32::from(outcome == TakeOver::Cut);

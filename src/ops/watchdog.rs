@@ -15,8 +15,8 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
-use super::sink::TakeOver;
-use super::{lock, service, Ops, Tracked};
+use super::sink::{TakeOver, TIMEOUT_BODY};
+use super::{answered_by_watchdog, lock, service, Ops, Tracked};
 
 /// How often the requests in flight and the memory are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -26,6 +26,8 @@ const GIL_WAIT: Duration = Duration::from_secs(2);
 pub fn spawn(ops: &'static Ops) {
     #[cfg(unix)]
     spawn_stack_dumps();
+    #[cfg(windows)]
+    spawn_stack_event();
     let reports = ops.mode.supervised && super::metrics::enabled();
     if !ops.settings.watches_requests()
         && ops.settings.max_rss.is_none()
@@ -64,37 +66,66 @@ fn report_to_supervisor() {
 #[cfg(not(unix))]
 fn report_to_supervisor() {}
 
-/// SIGUSR1 logs every thread's Python stack.
+/// SIGUSR1 logs every thread's Python stack. The handler is installed before this returns (so
+/// before the process reports itself ready): SIGUSR1's default action ends the process.
 #[cfg(unix)]
 fn spawn_stack_dumps() {
     use tokio::signal::unix::{signal, SignalKind};
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build();
-    let spawned = runtime.map_err(|e| e.to_string()).and_then(|runtime| {
-        std::thread::Builder::new()
-            .name("wfastcgi-sigusr1".into())
-            .spawn(move || {
-                runtime.block_on(async {
-                    let mut dumps = match signal(SignalKind::user_defined1()) {
-                        Ok(dumps) => dumps,
-                        Err(e) => return tracing::error!("cannot watch SIGUSR1: {e}"),
-                    };
-                    while dumps.recv().await.is_some() {
-                        match python_stacks(None) {
-                            Ok(stacks) => tracing::warn!(
-                                "SIGUSR1: the Python stack of every thread:\n{stacks}"
-                            ),
-                            Err(e) => tracing::warn!("SIGUSR1: {e}"),
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return tracing::error!("cannot start the SIGUSR1 thread: {e}"),
+    };
+    let mut dumps = {
+        let _entered = runtime.enter();
+        match signal(SignalKind::user_defined1()) {
+            Ok(dumps) => dumps,
+            Err(e) => return tracing::error!("cannot watch SIGUSR1: {e}"),
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("wfastcgi-sigusr1".into())
+        .spawn(move || {
+            runtime.block_on(async {
+                while dumps.recv().await.is_some() {
+                    match python_stacks(None) {
+                        Ok(stacks) => {
+                            tracing::warn!("SIGUSR1: the Python stack of every thread:\n{stacks}")
                         }
+                        Err(e) => tracing::warn!("SIGUSR1: {e}"),
                     }
-                })
+                }
             })
-            .map(drop)
-            .map_err(|e| e.to_string())
-    });
+        });
     if let Err(e) = spawned {
         tracing::error!("cannot start the SIGUSR1 thread: {e}");
+    }
+}
+
+/// Setting the named event `Global\wfastcgi-stacks-<pid>` logs every thread's Python stack (the
+/// Windows counterpart of SIGUSR1; `docs/operations.md` shows the PowerShell line).
+#[cfg(windows)]
+fn spawn_stack_event() {
+    let (event, name) = match crate::windows::stack_event() {
+        Ok(created) => created,
+        Err(e) => return tracing::error!("cannot create the stack-dump event: {e}"),
+    };
+    tracing::info!("setting the event {name} logs every thread's Python stack");
+    let spawned = std::thread::Builder::new()
+        .name("wfastcgi-stack-event".into())
+        .spawn(move || loop {
+            if let Err(e) = crate::windows::wait_for(&event) {
+                return tracing::error!("stopped waiting for {name}: {e}");
+            }
+            match python_stacks(None) {
+                Ok(stacks) => tracing::warn!("{name}: the Python stack of every thread:\n{stacks}"),
+                Err(e) => tracing::warn!("{name}: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the stack-dump event thread: {e}");
     }
 }
 
@@ -133,7 +164,11 @@ fn inspect_requests(ops: &'static Ops) {
 fn give_up(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
     tracked.abandoned.store(true, Ordering::Relaxed);
     let stack = stack_of(tracked.thread);
-    let answer = match tracked.sink.take_over() {
+    let outcome = tracked.sink.take_over();
+    if outcome == TakeOver::Answered {
+        answered_by_watchdog(ops, tracked, 504, TIMEOUT_BODY.len() as u64);
+    }
+    let answer = match outcome {
         TakeOver::Answered => "the client is answered 504 Gateway Timeout",
         TakeOver::Cut => "its response, already started, is cut short",
         TakeOver::AlreadyEnded => "its response was complete",

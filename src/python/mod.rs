@@ -176,8 +176,16 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
         };
         return py.detach(|| crate::exchange::respond(&response, status, body));
     }
-    let in_flight = crate::ops::begin(|| thread_ident(py), || describe(&params), response);
-    let content_length = match content_length(&params) {
+    let content_length = content_length(&params);
+    let bytes_in = content_length.ok().flatten().unwrap_or(0);
+    let in_flight = crate::ops::begin(
+        || thread_ident(py),
+        || describe(&params),
+        &params,
+        bytes_in,
+        response,
+    );
+    let content_length = match content_length {
         Ok(length) => length,
         Err(()) => {
             tracing::warn!(

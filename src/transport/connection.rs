@@ -252,7 +252,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         match self.context.jobs.submit(job) {
             Ok(()) => {}
             Err(SubmitError::Full) => {
-                return self.refuse(request_id, "every worker is busy and the queue is full")
+                crate::ops::metrics::refused_queue_full();
+                return self.refuse(request_id, "every worker is busy and the queue is full");
             }
             Err(SubmitError::Closed) => {
                 return self.refuse(request_id, "the server is shutting down")

@@ -667,6 +667,7 @@ pub fn reexec(listener: Socket) -> io::Error {
             .args(std::env::args_os().skip(1))
             .env_clear()
             .envs(environment.iter().map(|(k, v)| (k, v)))
+            .envs(crate::ops::restart_environment())
             .env("LISTEN_FDS", "1")
             .env("LISTEN_PID", std::process::id().to_string())
             .exec()

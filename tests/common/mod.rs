@@ -243,6 +243,22 @@ impl Gateway {
         Client::new(self.try_connect().expect("connect"))
     }
 
+    /// With one thread and `WSGI_QUEUE_LENGTH=1`: sends the slow request `params` twice, one to
+    /// run and one to wait in the queue (each given time to get there), so the next request
+    /// finds no room. Returns both connections, still to be read.
+    pub fn fill_the_thread_and_the_queue(
+        &self,
+        params: &[(String, String)],
+    ) -> (Client<Conn>, Client<Conn>) {
+        let mut running = self.connect();
+        running.send(&Send::new(1, params));
+        std::thread::sleep(Duration::from_millis(300));
+        let mut queued = self.connect();
+        queued.send(&Send::new(1, params));
+        std::thread::sleep(Duration::from_millis(300));
+        (running, queued)
+    }
+
     /// The IIS-style stream as a client.
     pub fn client(&mut self) -> Client<UnixStream> {
         let stream = self

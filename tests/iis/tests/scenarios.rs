@@ -561,3 +561,69 @@ fn an_anonymous_pipe_as_standard_input_is_refused_at_once() {
     assert_eq!(code, Some(2), "{text}");
     assert!(text.contains("synchronous I/O"), "{text}");
 }
+
+/// The Windows counterpart of SIGUSR1: setting the named event `Global\wfastcgi-stacks-<pid>`
+/// (as an administrator's PowerShell would) logs every thread's Python stack.
+#[test]
+fn the_stack_dump_event_logs_every_threads_python_stack() {
+    use windows_sys::Win32::Foundation::CloseHandle;
+    use windows_sys::Win32::System::Threading::{OpenEventW, SetEvent, EVENT_MODIFY_STATE};
+    let site = site("stacks", &[("WSGI_HANDLER", "ops.app")]);
+    let log = site.join("wfastcgi.log");
+    std::fs::write(
+        site.join("web.config"),
+        std::fs::read_to_string(site.join("web.config"))
+            .expect("web.config")
+            .replace(
+                "  </appSettings>",
+                &format!(
+                    "    <add key=\"WSGI_LOG\" value=\"{}\" />\n  </appSettings>",
+                    log.display()
+                ),
+            ),
+    )
+    .expect("web.config");
+    let process = start(&site);
+    let mut client = Client::new(process.pipe());
+    let answer = get(&mut client, &site, "/", "");
+    assert_eq!(answer.status, 200, "{}", answer.stderr_text());
+    let pid = answer.text();
+    let name = format!("Global\\wfastcgi-stacks-{pid}");
+    let wide: Vec<u16> = name.encode_utf16().chain([0]).collect();
+    // SAFETY: a NUL-terminated name; the handle is closed below.
+    let event = unsafe { OpenEventW(EVENT_MODIFY_STATE, 0, wide.as_ptr()) };
+    assert!(
+        !event.is_null(),
+        "cannot open {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the handle just opened, with EVENT_MODIFY_STATE.
+    assert_ne!(unsafe { SetEvent(event) }, 0, "SetEvent");
+    // SAFETY: closed once, and not used after.
+    unsafe { CloseHandle(event) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("in _background_sleeper") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        text.contains(&format!(
+            "setting the event {name} logs every thread's Python stack"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{name}: the Python stack of every thread")),
+        "{text}"
+    );
+    assert!(
+        text.contains("ops-sleeper (most recent call last)"),
+        "{text}"
+    );
+    assert!(text.contains("in _background_sleeper"), "{text}");
+    // It keeps serving.
+    assert_eq!(get(&mut client, &site, "/", "").status, 200);
+}
