@@ -42,3 +42,33 @@ fn hello_and_echo_over_bind() {
         drop(gateway);
     }
 }
+
+/// 100 slow requests on 100 connections run at once: counted inside the app, not timed. The
+/// four workers each pump one; the rest are accepted by the I/O thread and pumped by tasks.
+#[test]
+fn a_hundred_slow_requests_are_in_flight_at_once() {
+    let app = AppDir::new("asgi_app.slow_app", &[]);
+    let gateway = Gateway::bind(unix_address(&app), app.path(), &[]);
+    let clients: Vec<_> = (0..100)
+        .map(|_| {
+            let mut client = gateway.connect();
+            let params = app.iis_params("GET", "/slow?sleep=2");
+            client.send(&Send::new(1, &params));
+            client
+        })
+        .collect();
+    let handles: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| std::thread::spawn(move || client.read_response(1)))
+        .collect();
+    let mut peak = 0;
+    for handle in handles {
+        let response = handle.join().expect("client");
+        assert_eq!(response.status, 200, "{}", response.stderr_text());
+        peak = peak.max(response.json()["peak"].as_u64().unwrap_or(0));
+    }
+    assert_eq!(peak, 100, "requests in flight at once");
+    let mut client = gateway.connect();
+    let after = client.get(1, &app.iis_params("GET", "/inflight")).json();
+    assert_eq!(after["in_flight"], 0, "{after}");
+}
