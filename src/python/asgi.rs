@@ -41,6 +41,15 @@ pub enum Interface {
     Asgi,
 }
 
+impl std::fmt::Display for Interface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Interface::Wsgi => "WSGI",
+            Interface::Asgi => "ASGI",
+        })
+    }
+}
+
 /// Which interface `handler` speaks and why: `WSGI_INTERFACE` when set, else an ASGI 3
 /// application is a coroutine function or an object whose `__call__` is one.
 pub fn detect(
@@ -1015,9 +1024,9 @@ fn scope<'py>(py: Python<'py>, app: &App, params: &Params) -> PyResult<Bound<'py
     let mut path = route.script_name.to_vec();
     path.extend_from_slice(&route.path_info);
     scope.set_item("path", String::from_utf8_lossy(&path))?;
-    // The target as the client sent it: nginx's REQUEST_URI, IIS's UNENCODED_URL.
-    let raw = text(b"REQUEST_URI")
-        .or_else(|| text(b"UNENCODED_URL"))
+    // The target as the client sent it: IIS's UNENCODED_URL, nginx's REQUEST_URI.
+    let raw = text(b"UNENCODED_URL")
+        .or_else(|| text(b"REQUEST_URI"))
         .map(|uri| uri.split(|&b| b == b'?').next().unwrap_or_default())
         .unwrap_or(&path);
     scope.set_item("raw_path", PyBytes::new(py, raw))?;

@@ -89,7 +89,7 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
             asgi::Interface::Wsgi => (extras::wrap_for_application_insights(py, handler), None),
         };
         let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
-        tracing::info!("{interface:?} handler {handler_name:?} loaded ({why})");
+        tracing::info!("{interface} handler {handler_name:?} loaded ({why})");
         Ok(App {
             handler: handler.unbind(),
             base_environ: base_environ.unbind(),
