@@ -306,3 +306,170 @@ fn lifespan_shutdown_runs_after_the_requests_in_flight() {
     let exiting = log.rfind("exiting").expect("exiting");
     assert!(shutdown < exiting, "{log}");
 }
+
+/// A 500 with the detail on FCGI_STDERR and in the log, and a process that still answers the
+/// next request the same way (the ASGI side of errors.rs's `assert_500`).
+fn assert_500(handler: &str, detail: &str) {
+    let (app, mut gateway, response) = answer(handler, &[]);
+    assert_eq!(response.status, 500, "{handler}: {}", response.text());
+    assert_eq!(response.text(), "Internal Server Error\n");
+    assert!(
+        response.stderr_text().contains(detail),
+        "{handler}: stderr {:?}",
+        response.stderr_text()
+    );
+    assert_eq!(response.protocol_status, 0);
+    let log = app.wait_for_log(detail);
+    assert!(
+        log.contains(detail),
+        "{handler}: log lacks {detail:?}:\n{log}"
+    );
+    let again = gateway.client().get(2, &app.iis_params("GET", "/"));
+    assert_eq!(again.status, 500, "{handler}: still serving");
+}
+
+#[test]
+fn exception_before_the_response_starts() {
+    assert_500("asgi_errors.call_error", "ValueError: boom in call");
+    // http.response.start reached the gateway, but nothing the web server: still a 500.
+    assert_500(
+        "asgi_errors.error_after_start_before_body",
+        "RuntimeError: boom before the body",
+    );
+    assert_500("asgi_errors.sys_exit_app", "SystemExit: 3");
+}
+
+#[test]
+fn response_start_misuse() {
+    assert_500(
+        "asgi_errors.bad_header",
+        "header x-bad: \"a\\nb\" is invalid: CR, LF or NUL",
+    );
+    assert_500("asgi_errors.bad_header_type", "is not a pair of bytes");
+    assert_500(
+        "asgi_errors.bad_status",
+        "status 200 OK is invalid: expected an int",
+    );
+    assert_500(
+        "asgi_errors.start_twice",
+        "http.response.start sent a second time",
+    );
+    assert_500(
+        "asgi_errors.body_before_start",
+        "http.response.body before http.response.start",
+    );
+    assert_500(
+        "asgi_errors.never_sends",
+        "the application returned without sending http.response.start",
+    );
+    assert_500(
+        "asgi_errors.websocket_message",
+        "unexpected ASGI message type 'websocket.accept' on an http scope",
+    );
+}
+
+#[test]
+fn bodies_that_are_not_bytes() {
+    assert_500(
+        "asgi_errors.non_bytes_body",
+        "http.response.body: body must be bytes or bytearray",
+    );
+}
+
+#[test]
+fn failure_after_the_response_started_cuts_it() {
+    for (handler, detail) in [
+        (
+            "asgi_errors.error_after_start",
+            "RuntimeError: boom after start",
+        ),
+        (
+            "asgi_errors.body_after_end",
+            "http.response.body after the response was complete",
+        ),
+    ] {
+        let (app, mut gateway, response) = answer(handler, &[]);
+        assert_eq!(response.status, 200, "{handler}");
+        assert!(
+            response.stderr.is_empty(),
+            "{handler}: no STDERR once the response started"
+        );
+        let log = app.wait_for_log(detail);
+        assert!(log.contains(detail), "{handler}:\n{log}");
+        if handler.ends_with("error_after_start") {
+            assert_eq!(response.app_status, 1, "{handler}");
+            assert_eq!(response.text(), "partial");
+            assert!(log.contains("failed after the response started; response cut short"));
+        } else {
+            // The response was complete before the mistake: it stands.
+            assert_eq!(response.text(), "done");
+        }
+        assert_eq!(
+            gateway.client().get(2, &app.iis_params("GET", "/")).status,
+            200
+        );
+    }
+}
+
+#[test]
+fn an_unfinished_response_is_ended_and_trailers_are_dropped() {
+    let (app, _gateway, response) = answer("asgi_errors.returns_after_start", &[]);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "unfinished");
+    assert_eq!(response.app_status, 0);
+    assert!(app
+        .wait_for_log("returned before its response was complete")
+        .contains("ended"));
+
+    let (_app, _gateway, response) = answer("asgi_errors.trailers", &[]);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "with trailers");
+    assert!(response.stderr.is_empty());
+}
+
+#[test]
+fn generic_error_detail_sends_no_traceback() {
+    let (app, _gateway, response) = answer(
+        "asgi_errors.call_error",
+        &[("WSGI_ERROR_DETAIL", "generic")],
+    );
+    assert_eq!(response.status, 500);
+    assert!(
+        response.stderr.is_empty(),
+        "no STDERR: {}",
+        response.stderr_text()
+    );
+    assert!(!response.text().contains("boom"));
+    assert!(
+        app.wait_for_log("boom in call").contains("Traceback"),
+        "still logged"
+    );
+}
+
+#[test]
+fn print_and_logging_go_to_the_log() {
+    let (app, _gateway, response) = answer("asgi_errors.prints_app", &[]);
+    assert_eq!(response.text(), "ok");
+    let log = app.wait_for_log("logged by the ASGI app");
+    assert!(log.contains("printed by the ASGI app"), "{log}");
+    assert!(log.contains("logged by the ASGI app"), "{log}");
+}
+
+#[test]
+fn a_streaming_response_streams_in_chunks() {
+    let (_app, _gateway, response) = answer("asgi_app.stream_app", &[]);
+    assert_eq!(response.status, 200);
+    assert_eq!(response.text(), "x".repeat(50));
+    assert!(response.header("content-length").is_none());
+    let app = AppDir::new("asgi_app.stream_app", &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let response = gateway
+        .connect()
+        .get(1, &app.iis_params("GET", "/?n=20&size=1000&sleep=0.01"));
+    assert_eq!(response.body.len(), 20_000);
+    assert!(
+        response.stdout_records.len() >= 20,
+        "each chunk sent as it comes: {:?}",
+        response.stdout_records
+    );
+}
