@@ -166,7 +166,7 @@ class _Exchange:
         self.watch = None
 
     async def receive(self):
-        if not self.body_done:
+        if not self.body_done and not self.disconnected:
             future = self.loop.create_future()
             self.request.receive(future)
             chunk = await future
