@@ -305,6 +305,14 @@ fn lifespan_shutdown_runs_after_the_requests_in_flight() {
     let shutdown = log.find("lifespan shutdown").expect("shutdown");
     let exiting = log.rfind("exiting").expect("exiting");
     assert!(shutdown < exiting, "{log}");
+
+    // IIS closes the pipe.
+    let (app, mut gateway, response) = answer("asgi_app.lifespan_app", &[]);
+    assert_eq!(response.json()["state"]["started"], "yes");
+    gateway.close_stream();
+    let status = gateway.wait_exit(std::time::Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(app.log().contains("lifespan shutdown after 0 in flight"));
 }
 
 /// A 500 with the detail on FCGI_STDERR and in the log, and a process that still answers the
