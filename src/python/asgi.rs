@@ -1,12 +1,14 @@
-//! The ASGI 3 bridge: one event loop per process on the `wfastcgi-asgi` thread runs every
-//! request as a task; the worker thread that took a request waits for it without the GIL and
-//! does its blocking I/O (the body, a response the connection cannot take yet, a file).
+//! The ASGI 3 bridge: one event loop per process, on the `wfastcgi-asgi` thread, runs every
+//! request as a task, and is the only thread that runs Python.
 //!
-//! The two sides meet through [`Shared`]: the loop gives a worker `Op`s through the request's
-//! channel; workers give the loop new requests and completed futures through one queue, and
-//! wake it by writing a byte to a socket the loop reads with `sock_recv` (which every loop has,
-//! Windows' Proactor included), so a worker never takes the GIL to wake the loop. The Python half
-//! (`asgi.py`) holds the loop, lifespan and the ASGI message rules.
+//! A worker hands a request to the loop without the GIL ([`dispatch`]); what the task cannot do
+//! without waiting (read the body, send a batch the connection has no room for, send a file, end
+//! the request) it asks of the request's pump as an [`Op`]: a task on the `wfastcgi-asgi-io`
+//! runtime for a request from a connection task, else the worker itself, which then waits for the
+//! request. New requests and completed futures reach the loop through one queue in [`Shared`];
+//! the loop is woken by one byte on a socket pair it reads with `sock_recv` (which every loop has,
+//! Windows' Proactor included), so nothing takes the GIL to wake it. The Python half (`asgi.py`)
+//! holds the loop, lifespan and the ASGI message rules.
 
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
