@@ -661,6 +661,15 @@ fn aborts_mid_upload_and_mid_stream_are_http_disconnect() {
         log.contains("closed the connection; response stopped"),
         "{log}"
     );
+
+    // The web server closes the connection while the app waits in receive() after the body.
+    let mut client = gateway.connect();
+    client.send(&Send::new(1, &app.iis_params("GET", "/wait")));
+    app.wait_for_log("waiting for http.disconnect");
+    drop(client);
+    let json = seen(&mut gateway.connect(), &app, 1, 4);
+    assert_eq!(json["seen"][3], "wait: http.disconnect", "{json}");
+    assert_eq!(json["in_flight"], 0);
 }
 
 #[test]

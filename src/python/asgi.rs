@@ -613,7 +613,8 @@ async fn pump(wire: &mut impl Wire, sink: &GuardedSink, shared: &Shared) -> (u16
         let op = match wire.next(watch.is_some()).await {
             Next::Op(op) => op,
             Next::Tick => {
-                if sink.is_aborted() {
+                // Aborted, or the connection task is gone (the web server closed it).
+                if sink.is_aborted() || sink.channel().is_some_and(|c| c.is_closed()) {
                     release(&mut watch);
                 }
                 continue;

@@ -184,7 +184,8 @@ DISCONNECTS = []
 
 async def disconnect_app(scope, receive, send):
     """/upload reads the body until http.disconnect; /stream streams until send() raises;
-    /seen reports what each saw; /inflight the requests still running."""
+    /wait reads the body, then waits in receive(); /seen reports what each saw and the requests
+    still running."""
     global IN_FLIGHT
     if scope["type"] == "lifespan":
         return
@@ -193,6 +194,12 @@ async def disconnect_app(scope, receive, send):
         return await _json(send, {"seen": DISCONNECTS, "in_flight": IN_FLIGHT})
     IN_FLIGHT += 1
     try:
+        if path.endswith("/wait"):
+            await _read_body(receive)
+            print("waiting for http.disconnect", flush=True)
+            message = await receive()
+            DISCONNECTS.append(f"wait: {message['type']}")
+            return
         if path.endswith("/upload"):
             while True:
                 message = await receive()
