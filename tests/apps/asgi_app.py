@@ -74,6 +74,22 @@ async def echo_app(scope, receive, send):
                        "chunks": chunks})
 
 
+async def cancelled_receive_app(scope, receive, send):
+    """A receive() cancelled before its piece of the body arrives (as Starlette's
+    is_disconnected() does), then the body read whole: the echo must be complete."""
+    if scope["type"] == "lifespan":
+        return
+    early = asyncio.get_running_loop().create_task(receive())
+    await asyncio.sleep(0)
+    early.cancel()
+    try:
+        await early
+    except asyncio.CancelledError:
+        pass
+    data, chunks = await _read_body(receive)
+    await _json(send, {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+
 async def count_app(scope, receive, send):
     """Counts its bytes without keeping them (for the memory bound)."""
     if scope["type"] == "lifespan":
