@@ -19,8 +19,9 @@ async def _respond(send, status, body, content_type=b"text/plain", headers=()):
     await send({
         "type": "http.response.start",
         "status": status,
-        "headers": [(b"content-type", content_type),
-                    (b"content-length", str(len(body)).encode())] + list(headers),
+        # Lists, as the spec writes them (other apps use tuples).
+        "headers": [[b"content-type", content_type],
+                    [b"content-length", str(len(body)).encode()]] + list(headers),
     })
     await send({"type": "http.response.body", "body": body})
 
