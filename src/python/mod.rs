@@ -1,9 +1,11 @@
 //! The WSGI bridge: the embedded interpreter, the application, and one request's trip through it.
+//! An ASGI application is served by `asgi.rs` instead, from the same loading and worker loop.
 //!
 //! Threads: each worker thread attaches to the interpreter once and keeps its thread state; it
 //! holds the GIL while Python runs and releases it only to wait (for the next job, for body
 //! bytes, for room in the response queue).
 
+mod asgi;
 mod diagnose;
 mod extras;
 mod handler;
@@ -25,6 +27,7 @@ use crate::exchange::{Job, Output, ResponseEncoder};
 use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
 
+pub use asgi::stop as stop_asgi;
 pub use diagnose::{diagnose, run_request, Diagnosis, HandlerReport, RequestReport};
 use response::error_response;
 
@@ -49,6 +52,15 @@ pub struct App {
     input_spool: Option<u64>,
     max_body: Option<u64>,
     pub error_detail: ErrorDetail,
+    /// Set when the handler is an ASGI application: requests go to its event loop.
+    asgi: Option<asgi::AsgiApp>,
+}
+
+impl App {
+    /// An ASGI application: its requests run on the event loop, not on the worker threads.
+    pub fn is_asgi(&self) -> bool {
+        self.asgi.is_some()
+    }
 }
 
 /// Prepares the interpreter for the application as wfastcgi.py does (app settings into
@@ -68,9 +80,22 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
                 format_exception(py, &e)
             )
         })?;
-        let handler = extras::wrap_for_application_insights(py, handler);
+        let setting = config.get("WSGI_INTERFACE");
+        let (interface, why) = asgi::detect(py, &handler, setting.as_deref())?;
+        let (handler, asgi) = match interface {
+            asgi::Interface::Asgi => {
+                let routing = asgi::Routing {
+                    allow_path_info_for_script_mappings: config
+                        .allow_path_info_for_script_mappings(),
+                    script_name: config.script_name(),
+                };
+                let app = asgi::start(py, &handler, routing)?;
+                (handler, Some(app))
+            }
+            asgi::Interface::Wsgi => (extras::wrap_for_application_insights(py, handler), None),
+        };
         let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
-        tracing::info!("WSGI handler {handler_name:?} loaded");
+        tracing::info!("{interface} handler {handler_name:?} loaded ({why})");
         Ok(App {
             handler: handler.unbind(),
             base_environ: base_environ.unbind(),
@@ -79,6 +104,7 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
             input_spool,
             max_body,
             error_detail,
+            asgi,
         })
     })
 }
@@ -143,6 +169,13 @@ fn base_environ(py: Python<'_>, deployment: Deployment) -> PyResult<Bound<'_, Py
 /// application was loaded (under IIS the app folder comes from it). `next` waits for a job (or
 /// reads one from the IIS stream) with the GIL released.
 pub fn serve_jobs(app: &App, first: Option<Job>, next: &mut (dyn FnMut() -> Option<Job> + Send)) {
+    if let Some(asgi) = &app.asgi {
+        // Python runs on the loop's thread only: this one never takes the GIL.
+        for job in first.into_iter().chain(std::iter::from_fn(next)) {
+            asgi::dispatch(app, asgi, job);
+        }
+        return;
+    }
     Python::attach(|py| {
         if let Some(job) = first {
             handle(py, app, job);
@@ -164,20 +197,19 @@ pub fn serve_jobs(app: &App, first: Option<Job>, next: &mut (dyn FnMut() -> Opti
 }
 
 pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
+    if let Some(asgi) = &app.asgi {
+        return py.detach(|| asgi::dispatch(app, asgi, job));
+    }
     let Job {
         params,
         body,
         response,
     } = job;
-    if let Some(status) = crate::ops::health(&params) {
-        let (status, body) = match status {
-            200 => ("200 OK", "OK\n"),
-            _ => ("503 Service Unavailable", "draining\n"),
-        };
+    if let Some((status, body)) = health_answer(&params) {
         return py.detach(|| crate::exchange::respond(&response, status, body));
     }
-    let content_length = content_length(&params);
-    let bytes_in = content_length.ok().flatten().unwrap_or(0);
+    let declared = declared_length(app, &params);
+    let bytes_in = declared.ok().flatten().unwrap_or(0);
     let in_flight = crate::ops::begin(
         || thread_ident(py),
         || describe(&params),
@@ -185,25 +217,12 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
         bytes_in,
         response,
     );
-    let content_length = match content_length {
+    let content_length = match declared {
         Ok(length) => length,
-        Err(()) => {
-            tracing::warn!(
-                "{}: non-numeric CONTENT_LENGTH refused with 400",
-                describe(&params)
-            );
-            return refuse(py, in_flight, &params, 400, "Bad Request");
+        Err((status, reason)) => {
+            return py.detach(|| refuse(in_flight, &params, status, reason));
         }
     };
-    if let (Some(length), Some(max)) = (content_length, app.max_body) {
-        if length > max {
-            tracing::warn!(
-                "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
-                describe(&params)
-            );
-            return refuse(py, in_flight, &params, 413, "Content Too Large");
-        }
-    }
     let responder = match Bound::new(py, StartResponse::new(in_flight.sink())) {
         Ok(responder) => responder,
         Err(e) => {
@@ -286,14 +305,39 @@ fn repeated_header_separator(name: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Answers a request the application never sees.
-fn refuse(
-    py: Python<'_>,
-    in_flight: crate::ops::InFlight,
-    params: &Params,
-    status: u16,
-    reason: &str,
-) {
+/// `WSGI_HEALTH_PATH`: the status line and body the gateway answers with, without Python.
+fn health_answer(params: &Params) -> Option<(&'static str, &'static str)> {
+    crate::ops::health(params).map(|status| match status {
+        200 => ("200 OK", "OK\n"),
+        _ => ("503 Service Unavailable", "draining\n"),
+    })
+}
+
+/// The body length the request declares, or the status and reason it is refused with: a
+/// CONTENT_LENGTH that is not a number, or one over `WSGI_MAX_BODY`.
+fn declared_length(app: &App, params: &Params) -> Result<Option<u64>, (u16, &'static str)> {
+    let length = content_length(params).map_err(|()| {
+        tracing::warn!(
+            "{}: non-numeric CONTENT_LENGTH refused with 400",
+            describe(params)
+        );
+        (400, "Bad Request")
+    })?;
+    if let (Some(length), Some(max)) = (length, app.max_body) {
+        if length > max {
+            tracing::warn!(
+                "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
+                describe(params)
+            );
+            return Err((413, "Content Too Large"));
+        }
+    }
+    Ok(length)
+}
+
+/// Answers a request the application never sees. Blocks while the web server is behind: never
+/// call it holding the GIL.
+fn refuse(in_flight: crate::ops::InFlight, params: &Params, status: u16, reason: &str) {
     let sink = in_flight.sink();
     let body = format!("{reason}\n");
     let mut encoder = ResponseEncoder::new(sink.request_id());
@@ -303,7 +347,7 @@ fn refuse(
         &[],
         body.as_bytes(),
     );
-    let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
+    let _ = sink.send_blocking(Output::End(encoder.finish(0)));
     in_flight.end(params, status, body.len() as u64);
 }
 
