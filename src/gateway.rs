@@ -351,6 +351,7 @@ fn finish() -> Result<()> {
         }
     };
     shutdown::serving_done();
+    python::stop_asgi(shutdown::grace());
     python::interpreter::finalize(shutdown::grace());
     match listener {
         #[cfg(unix)]

@@ -4,6 +4,7 @@
 //! holds the GIL while Python runs and releases it only to wait (for the next job, for body
 //! bytes, for room in the response queue).
 
+mod asgi;
 mod diagnose;
 mod extras;
 mod handler;
@@ -25,6 +26,7 @@ use crate::exchange::{Job, Output, ResponseEncoder};
 use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
 
+pub use asgi::stop as stop_asgi;
 pub use diagnose::{diagnose, run_request, Diagnosis, HandlerReport, RequestReport};
 use response::error_response;
 
@@ -49,6 +51,8 @@ pub struct App {
     input_spool: Option<u64>,
     max_body: Option<u64>,
     pub error_detail: ErrorDetail,
+    /// Set when the handler is an ASGI application: requests go to its event loop.
+    asgi: Option<asgi::AsgiApp>,
 }
 
 /// Prepares the interpreter for the application as wfastcgi.py does (app settings into
@@ -68,9 +72,17 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
                 format_exception(py, &e)
             )
         })?;
-        let handler = extras::wrap_for_application_insights(py, handler);
+        let setting = config.get("WSGI_INTERFACE");
+        let (interface, why) = asgi::detect(py, &handler, setting.as_deref())?;
+        let (handler, asgi) = match interface {
+            asgi::Interface::Asgi => {
+                let app = asgi::start(py, &handler)?;
+                (handler, Some(app))
+            }
+            asgi::Interface::Wsgi => (extras::wrap_for_application_insights(py, handler), None),
+        };
         let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
-        tracing::info!("WSGI handler {handler_name:?} loaded");
+        tracing::info!("{interface:?} handler {handler_name:?} loaded ({why})");
         Ok(App {
             handler: handler.unbind(),
             base_environ: base_environ.unbind(),
@@ -79,6 +91,7 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
             input_spool,
             max_body,
             error_detail,
+            asgi,
         })
     })
 }
@@ -195,6 +208,9 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
             );
             return refuse(py, in_flight, &params, 413, "Content Too Large");
         }
+    }
+    if let Some(asgi) = &app.asgi {
+        return asgi::handle(py, app, asgi, in_flight, &params, body);
     }
     let responder = match Bound::new(py, StartResponse::new(in_flight.sink())) {
         Ok(responder) => responder,

@@ -1,0 +1,913 @@
+//! The ASGI 3 bridge: one event loop per process on the `wfastcgi-asgi` thread runs every
+//! request as a task; the worker thread that took a request waits for it without the GIL and
+//! does its blocking I/O (the body, a response the connection cannot take yet, a file).
+//!
+//! The two sides meet through [`Shared`]: the loop gives a worker `Op`s through the request's
+//! channel; workers give the loop new requests and completed futures through one queue, and
+//! wake it by writing a byte to a socket the loop reads with `sock_recv` (which every loop has,
+//! Windows' Proactor included), so a worker never takes the GIL to wake the loop. The Python half
+//! (`asgi.py`) holds the loop, lifespan and the ASGI message rules.
+
+use std::ffi::CString;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+use super::response::error_response;
+use super::{describe, format_exception, App};
+use crate::config::ErrorDetail;
+use crate::exchange::{BodyStream, Output, ResponseEncoder, TrySendError};
+use crate::ops::{GuardedSink, InFlight};
+use crate::protocol::Params;
+use crate::routing::{self, RouteSettings};
+
+const SHIM: &str = include_str!("asgi.py");
+/// How often a worker looks whether a request whose application waits for `http.disconnect`
+/// was aborted.
+const WATCH_TICK: Duration = Duration::from_millis(100);
+/// A file given to `http.response.pathsend` is read this much at a time.
+const FILE_BLOCK: usize = 64 * 1024;
+
+/// The interface an application speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interface {
+    Wsgi,
+    Asgi,
+}
+
+/// Which interface `handler` speaks and why: `WSGI_INTERFACE` when set, else an ASGI 3
+/// application is a coroutine function or an object whose `__call__` is one.
+pub fn detect(
+    py: Python<'_>,
+    handler: &Bound<'_, PyAny>,
+    setting: Option<&str>,
+) -> Result<(Interface, String), String> {
+    match setting.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(v) if v.eq_ignore_ascii_case("wsgi") => {
+            return Ok((Interface::Wsgi, "WSGI_INTERFACE=wsgi".into()))
+        }
+        Some(v) if v.eq_ignore_ascii_case("asgi") => {
+            return Ok((Interface::Asgi, "WSGI_INTERFACE=asgi".into()))
+        }
+        Some(v) => {
+            return Err(format!(
+                "app setting WSGI_INTERFACE={v:?} is invalid: expected wsgi or asgi"
+            ))
+        }
+        None => {}
+    }
+    let found = || -> PyResult<(Interface, String)> {
+        let inspect = py.import("inspect")?;
+        let coroutine = |obj: &Bound<'_, PyAny>| -> PyResult<bool> {
+            inspect
+                .call_method1("iscoroutinefunction", (obj,))?
+                .is_truthy()
+        };
+        if coroutine(handler)? {
+            return Ok((
+                Interface::Asgi,
+                "the handler is a coroutine function (async def)".into(),
+            ));
+        }
+        let plain = inspect.call_method1("isroutine", (handler,))?.is_truthy()?
+            || inspect.call_method1("isclass", (handler,))?.is_truthy()?;
+        if !plain {
+            if let Ok(call) = handler.getattr("__call__") {
+                if coroutine(&call)? {
+                    return Ok((
+                        Interface::Asgi,
+                        "the handler's __call__ is a coroutine function (async def)".into(),
+                    ));
+                }
+            }
+        }
+        Ok((
+            Interface::Wsgi,
+            "the handler is not a coroutine function".into(),
+        ))
+    };
+    found().map_err(|e| format_exception(py, &e))
+}
+
+/// The loaded ASGI application: requests go to the event loop.
+pub struct AsgiApp {
+    shared: Arc<Shared>,
+}
+
+/// What the loop and the workers share.
+struct Shared {
+    items: Mutex<Vec<Item>>,
+    /// A wake-up byte is on its way: no need for another.
+    wake_pending: AtomicBool,
+    waker: OnceLock<Waker>,
+    /// The outcome of lifespan startup, and then whether the loop thread has ended.
+    state: Mutex<LoopState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct LoopState {
+    started: Option<Result<(), String>>,
+    ended: bool,
+}
+
+/// What a worker hands the loop.
+enum Item {
+    Request(Py<PyDict>, Py<AsgiRequest>),
+    Done(Py<PyAny>, Completion),
+    Stop,
+}
+
+/// The result a future gets.
+enum Completion {
+    Chunk(Bytes),
+    BodyEnd,
+    /// The body cannot be completed, or the web server aborted the request.
+    Interrupted,
+    Sent,
+    Gone,
+    Error(String),
+}
+
+static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
+
+impl Shared {
+    fn push(&self, item: Item) {
+        lock(&self.items).push(item);
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            if let Some(waker) = self.waker.get() {
+                waker.wake();
+            }
+        }
+    }
+
+    fn complete(&self, future: Py<PyAny>, completion: Completion) {
+        self.push(Item::Done(future, completion));
+    }
+
+    fn set_state(&self, change: impl FnOnce(&mut LoopState)) {
+        change(&mut lock(&self.state));
+        self.changed.notify_all();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The writing end of the loop's wake-up socket pair, owned by Python (which never closes it).
+struct Waker(std::mem::ManuallyDrop<socket2::Socket>);
+
+impl Waker {
+    fn new(handle: u64) -> Waker {
+        #[cfg(unix)]
+        // SAFETY: the descriptor is the open write end of the loop's socket pair, which the
+        // Python side keeps open for the life of the process; ManuallyDrop never closes it.
+        let socket = unsafe {
+            use std::os::fd::FromRawFd;
+            socket2::Socket::from_raw_fd(handle as i32)
+        };
+        #[cfg(windows)]
+        // SAFETY: as above, for the SOCKET handle.
+        let socket = unsafe {
+            use std::os::windows::io::FromRawSocket;
+            socket2::Socket::from_raw_socket(handle)
+        };
+        Waker(std::mem::ManuallyDrop::new(socket))
+    }
+
+    /// The socket is non-blocking; a full buffer means the loop has a wake-up to read anyway.
+    fn wake(&self) {
+        let _ = self.0.send(&[1]);
+    }
+}
+
+/// The loop's handle on [`Shared`].
+#[pyclass(module = "wfastcgi", name = "AsgiBridge")]
+struct Bridge {
+    shared: Arc<Shared>,
+}
+
+#[pymethods]
+impl Bridge {
+    /// Lifespan startup is over: `failure` is why it failed, else the loop reads `waker`.
+    #[pyo3(signature = (failure, waker=None))]
+    fn started(&self, failure: Option<String>, waker: Option<u64>) {
+        if let Some(handle) = waker {
+            let _ = self.shared.waker.set(Waker::new(handle));
+        }
+        let outcome = match failure {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        };
+        self.shared.set_state(|state| state.started = Some(outcome));
+    }
+
+    /// What workers handed over since the last call: `(0, scope, request)`, `(1, future,
+    /// result)`, `(2,)` to stop.
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        self.shared.wake_pending.store(false, Ordering::Release);
+        let items = std::mem::take(&mut *lock(&self.shared.items));
+        let list = PyList::empty(py);
+        for item in items {
+            let entry = match item {
+                Item::Request(scope, request) => (0, scope, request).into_pyobject(py)?,
+                Item::Done(future, completion) => {
+                    let value = match completion {
+                        Completion::Chunk(data) => PyBytes::new(py, &data).into_any(),
+                        Completion::BodyEnd => py.None().into_bound(py),
+                        Completion::Interrupted | Completion::Gone => {
+                            false.into_pyobject(py)?.to_owned().into_any()
+                        }
+                        Completion::Sent => true.into_pyobject(py)?.to_owned().into_any(),
+                        Completion::Error(message) => PyString::new(py, &message).into_any(),
+                    };
+                    (1, future, value).into_pyobject(py)?
+                }
+                Item::Stop => PyTuple::new(py, [2])?,
+            };
+            list.append(entry)?;
+        }
+        Ok(list)
+    }
+
+    #[pyo3(signature = (message, error=false))]
+    fn log(&self, message: &str, error: bool) {
+        if error {
+            tracing::error!("{message}");
+        } else {
+            tracing::info!("{message}");
+        }
+    }
+}
+
+/// Starts the event loop thread and runs lifespan startup; its failure is the reason every
+/// request gets a 500.
+pub fn start(py: Python<'_>, handler: &Bound<'_, PyAny>) -> Result<AsgiApp, String> {
+    let shared = Arc::new(Shared {
+        items: Mutex::new(Vec::new()),
+        wake_pending: AtomicBool::new(false),
+        waker: OnceLock::new(),
+        state: Mutex::new(LoopState::default()),
+        changed: Condvar::new(),
+    });
+    let prepared = || -> PyResult<(Py<PyAny>, Py<Bridge>)> {
+        let code = CString::new(SHIM).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let module = PyModule::from_code(py, &code, c"wfastcgi_asgi.py", c"wfastcgi_asgi")?;
+        let bridge = Py::new(
+            py,
+            Bridge {
+                shared: shared.clone(),
+            },
+        )?;
+        Ok((module.getattr("run")?.unbind(), bridge))
+    };
+    let (run, bridge) = prepared().map_err(|e| format_exception(py, &e))?;
+    let handler = handler.clone().unbind();
+    let ending = shared.clone();
+    std::thread::Builder::new()
+        .name("wfastcgi-asgi".into())
+        .spawn(move || {
+            Python::attach(|py| {
+                if let Err(e) = run.call1(py, (bridge, handler)) {
+                    tracing::error!("the ASGI event loop failed:\n{}", format_exception(py, &e));
+                }
+            });
+            ending.set_state(|state| {
+                state
+                    .started
+                    .get_or_insert(Err("the event loop ended".into()));
+                state.ended = true;
+            });
+        })
+        .map_err(|e| format!("cannot start the event loop thread: {e}"))?;
+    let started = py.detach(|| {
+        let mut state = lock(&shared.state);
+        loop {
+            if let Some(started) = &state.started {
+                return started.clone();
+            }
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    });
+    started.map_err(|reason| format!("ASGI lifespan startup failed: {reason}"))?;
+    let _ = SHARED.set(shared.clone());
+    Ok(AsgiApp { shared })
+}
+
+/// Runs lifespan shutdown once every worker is done, and waits for the loop to end, at most
+/// `grace`.
+pub fn stop(grace: Duration) {
+    let Some(shared) = SHARED.get() else { return };
+    shared.push(Item::Stop);
+    let state = lock(&shared.state);
+    let (state, _) = shared
+        .changed
+        .wait_timeout_while(state, grace, |state| !state.ended)
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if !state.ended {
+        tracing::warn!(
+            "the ASGI event loop did not finish within the grace period ({grace:?}): tasks or lifespan shutdown still running"
+        );
+    }
+}
+
+/// What the loop asks of the worker that waits for a request.
+enum Op {
+    /// The next piece of the body.
+    Receive(Py<PyAny>),
+    /// Complete this future when the request is aborted or the response complete.
+    Watch(Py<PyAny>),
+    /// A batch the connection could not take at once; `last`: it ends the request.
+    Send {
+        output: Output,
+        future: Py<PyAny>,
+        last: Option<(u16, u64)>,
+    },
+    /// `http.response.pathsend`: the head, then the file, then the end of the request.
+    File {
+        head: Bytes,
+        path: std::path::PathBuf,
+        future: Py<PyAny>,
+        status: u16,
+    },
+    /// The request is over; `output` still to send.
+    End {
+        output: Option<Output>,
+        status: u16,
+        bytes: u64,
+    },
+}
+
+/// Serves one request: builds its scope, hands it to the loop, and does its I/O until it ends.
+pub(super) fn handle(
+    py: Python<'_>,
+    app: &App,
+    asgi: &AsgiApp,
+    in_flight: InFlight,
+    params: &Params,
+    body: BodyStream,
+) {
+    let sink = in_flight.sink();
+    let what = describe(params);
+    let (ops, receiver) = crossbeam_channel::unbounded();
+    let request = AsgiRequest {
+        ops,
+        sink: sink.clone(),
+        encoder: ResponseEncoder::new(sink.request_id()),
+        head: None,
+        status: 0,
+        body_len: 0,
+        sent: false,
+        done: false,
+        detail: app.error_detail,
+        what,
+    };
+    let prepared = scope(py, app, params).and_then(|scope| Ok((scope, Py::new(py, request)?)));
+    let (scope, request) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            let message = format_exception(py, &e);
+            tracing::error!(
+                "{}: cannot build the ASGI scope:\n{message}",
+                describe(params)
+            );
+            let mut encoder = ResponseEncoder::new(sink.request_id());
+            error_response(&mut encoder, &message, app.error_detail);
+            let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
+            return in_flight.end(params, 500, 0);
+        }
+    };
+    asgi.shared.push(Item::Request(scope.unbind(), request));
+    let (status, bytes) = py.detach(|| pump(&receiver, body, &sink, &asgi.shared));
+    in_flight.end(params, status, bytes);
+}
+
+/// The worker's side of a request: does what the loop asks until the request ends. Returns the
+/// status and body bytes for the access log.
+fn pump(
+    ops: &crossbeam_channel::Receiver<Op>,
+    mut body: BodyStream,
+    sink: &GuardedSink,
+    shared: &Shared,
+) -> (u16, u64) {
+    let mut watch: Option<Py<PyAny>> = None;
+    let release = |watch: &mut Option<Py<PyAny>>| {
+        if let Some(future) = watch.take() {
+            shared.complete(future, Completion::Interrupted);
+        }
+    };
+    loop {
+        let op = match ops.recv_timeout(WATCH_TICK) {
+            Ok(op) => op,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if sink.is_aborted() {
+                    release(&mut watch);
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                // The request object went away without ending the request (the loop stopped).
+                tracing::error!(
+                    request_id = sink.request_id(),
+                    "the ASGI request was dropped before its response ended; response cut short"
+                );
+                let mut encoder = ResponseEncoder::new(sink.request_id());
+                let _ = sink.send_blocking(Output::End(encoder.finish(1)));
+                return (500, 0);
+            }
+        };
+        match op {
+            Op::Receive(future) => {
+                let completion = match body.next_blocking() {
+                    Ok(Some(data)) => Completion::Chunk(data),
+                    Ok(None) => Completion::BodyEnd,
+                    Err(_) => Completion::Interrupted,
+                };
+                shared.complete(future, completion);
+            }
+            Op::Watch(future) => watch = Some(future),
+            Op::Send {
+                output,
+                future,
+                last,
+            } => {
+                let sent = sink.send_blocking(output).is_ok();
+                shared.complete(
+                    future,
+                    if sent {
+                        Completion::Sent
+                    } else {
+                        Completion::Gone
+                    },
+                );
+                if let Some(outcome) = last {
+                    release(&mut watch);
+                    return outcome;
+                }
+            }
+            Op::File {
+                head,
+                path,
+                future,
+                status,
+            } => {
+                let file = match std::fs::File::open(&path) {
+                    Ok(file) => file,
+                    Err(e) => {
+                        let message =
+                            format!("http.response.pathsend cannot open {}: {e}", path.display());
+                        shared.complete(future, Completion::Error(message));
+                        continue;
+                    }
+                };
+                let (sent, bytes) = send_file(sink, head, file, &path);
+                shared.complete(
+                    future,
+                    if sent {
+                        Completion::Sent
+                    } else {
+                        Completion::Gone
+                    },
+                );
+                release(&mut watch);
+                return (status, bytes);
+            }
+            Op::End {
+                output,
+                status,
+                bytes,
+            } => {
+                if let Some(output) = output {
+                    let _ = sink.send_blocking(output);
+                }
+                release(&mut watch);
+                return (status, bytes);
+            }
+        }
+    }
+}
+
+/// Sends the head and the file, then ends the request (cut short, app status 1, when the file
+/// cannot be read to its end). Returns whether the web server took it all, and the body bytes.
+fn send_file(
+    sink: &GuardedSink,
+    head: Bytes,
+    mut file: std::fs::File,
+    path: &std::path::Path,
+) -> (bool, u64) {
+    use std::io::Read;
+    let mut encoder = ResponseEncoder::new(sink.request_id());
+    encoder.stdout(&head);
+    let mut buffer = vec![0u8; FILE_BLOCK];
+    let mut bytes = 0u64;
+    loop {
+        if sink.is_aborted() {
+            let _ = sink.send_blocking(Output::End(encoder.finish(0)));
+            return (false, bytes);
+        }
+        match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                encoder.stdout(&buffer[..n]);
+                bytes += n as u64;
+                if sink.send_blocking(Output::Records(encoder.take())).is_err() {
+                    let _ = sink.send_blocking(Output::End(encoder.finish(0)));
+                    return (false, bytes);
+                }
+            }
+            Err(e) => {
+                tracing::error!(
+                    request_id = sink.request_id(),
+                    "http.response.pathsend: reading {} failed: {e}; response cut short",
+                    path.display()
+                );
+                encoder.discard();
+                let _ = sink.send_blocking(Output::End(encoder.finish(1)));
+                return (true, bytes);
+            }
+        }
+    }
+    (
+        sink.send_blocking(Output::End(encoder.finish(0))).is_ok(),
+        bytes,
+    )
+}
+
+/// One request as the loop sees it: encodes the response and sends what the connection takes at
+/// once; anything that would wait goes to the request's worker.
+#[pyclass(module = "wfastcgi", name = "AsgiRequest")]
+struct AsgiRequest {
+    ops: crossbeam_channel::Sender<Op>,
+    sink: Arc<GuardedSink>,
+    encoder: ResponseEncoder,
+    /// `Status:` line and headers from `http.response.start`, until they go out.
+    head: Option<Vec<u8>>,
+    status: u16,
+    body_len: u64,
+    /// Records went out (or to the worker): too late for a 500.
+    sent: bool,
+    /// The request's end was handed to the worker.
+    done: bool,
+    detail: ErrorDetail,
+    what: String,
+}
+
+impl AsgiRequest {
+    fn post(&self, op: Op) {
+        // The worker waits for the request's end, so it is there to receive.
+        let _ = self.ops.send(op);
+    }
+
+    fn end(&mut self, output: Option<Output>) {
+        if !self.done {
+            self.done = true;
+            self.post(Op::End {
+                output,
+                status: self.status,
+                bytes: self.body_len,
+            });
+        }
+    }
+
+    /// Puts the head (once) and `data` in the encoder.
+    fn encode(&mut self, data: &[u8]) {
+        if let Some(head) = self.head.take() {
+            self.encoder.stdout(&head);
+        }
+        if !data.is_empty() {
+            self.encoder.stdout(data);
+            self.body_len += data.len() as u64;
+        }
+    }
+
+    /// A 500 when nothing went out yet, else the response cut short.
+    fn error(&mut self, message: &str) {
+        if self.done {
+            return;
+        }
+        self.encoder.discard();
+        let output = if self.sent {
+            tracing::error!(
+                request_id = self.sink.request_id(),
+                "{} failed after the response started; response cut short:\n{message}",
+                self.what
+            );
+            self.encoder.finish(1)
+        } else {
+            tracing::error!(
+                request_id = self.sink.request_id(),
+                "{} failed:\n{message}",
+                self.what
+            );
+            error_response(&mut self.encoder, message, self.detail);
+            self.status = 500;
+            self.body_len = ERROR_BODY_LEN;
+            self.encoder.finish(0)
+        };
+        crate::ops::metrics::app_exception();
+        self.end(Some(Output::End(output)));
+    }
+}
+
+/// The body of the 500 `error_response` writes.
+const ERROR_BODY_LEN: u64 = "Internal Server Error\n".len() as u64;
+
+#[pymethods]
+impl AsgiRequest {
+    fn receive(&self, future: Py<PyAny>) {
+        self.post(Op::Receive(future));
+    }
+
+    fn watch(&self, future: Py<PyAny>) {
+        self.post(Op::Watch(future));
+    }
+
+    /// `http.response.start`: validated and encoded; it goes out with the first body.
+    fn start(&mut self, status: &Bound<'_, PyAny>, headers: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (head, status) = encode_head(status, headers)?;
+        self.head = Some(head);
+        self.status = status;
+        Ok(())
+    }
+
+    /// `http.response.body`: `True` when the connection took it, `False` when it is gone, else
+    /// `future`, which the worker completes.
+    fn body<'py>(
+        &mut self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        more: bool,
+        future: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let data: PyBackedBytes = data.extract().map_err(|_| {
+            PyTypeError::new_err("http.response.body: body must be bytes or bytearray")
+        })?;
+        self.encode(&data);
+        let output = if more {
+            if self.encoder.pending() == 0 {
+                return Ok(true.into_pyobject(py)?.to_owned().into_any());
+            }
+            Output::Records(self.encoder.take())
+        } else {
+            Output::End(self.encoder.finish(0))
+        };
+        self.sent = true;
+        let last = (!more).then_some((self.status, self.body_len));
+        match self.sink.try_send(output) {
+            Ok(()) => {
+                if !more {
+                    self.end(None);
+                }
+                Ok(true.into_pyobject(py)?.to_owned().into_any())
+            }
+            Err(TrySendError::Full(output)) => {
+                self.done |= last.is_some();
+                self.post(Op::Send {
+                    output,
+                    future: future.clone().unbind(),
+                    last,
+                });
+                Ok(future)
+            }
+            Err(TrySendError::Gone) => Ok(false.into_pyobject(py)?.to_owned().into_any()),
+        }
+    }
+
+    /// `http.response.pathsend`: the worker sends the file without the GIL.
+    fn pathsend<'py>(
+        &mut self,
+        path: std::path::PathBuf,
+        future: Bound<'py, PyAny>,
+    ) -> Bound<'py, PyAny> {
+        if let Some(head) = self.head.take() {
+            self.encoder.stdout(&head);
+        }
+        let head = self.encoder.take();
+        self.post(Op::File {
+            head,
+            path,
+            future: future.clone().unbind(),
+            status: self.status,
+        });
+        future
+    }
+
+    /// The application raised: a 500 with `message` (its traceback), or the response cut.
+    fn fail(&mut self, message: &str) {
+        self.error(message);
+    }
+
+    /// The application raised because the web server went away: end the request quietly.
+    fn gone(&mut self) {
+        if !self.done {
+            tracing::info!(
+                request_id = self.sink.request_id(),
+                "{}: the web server aborted the request or closed the connection; response stopped",
+                self.what
+            );
+            self.encoder.discard();
+            let output = self.encoder.finish(0);
+            self.end(Some(Output::End(output)));
+        }
+    }
+
+    /// The application returned.
+    fn returned(&mut self) {
+        if self.done {
+            return;
+        }
+        if self.head.is_none() && !self.sent {
+            return self.error("the application returned without sending http.response.start");
+        }
+        tracing::warn!(
+            request_id = self.sink.request_id(),
+            "{}: the application returned before its response was complete (no http.response.body without more_body); ended",
+            self.what
+        );
+        self.encode(b"");
+        let output = self.encoder.finish(0);
+        self.sent = true;
+        self.end(Some(Output::End(output)));
+    }
+}
+
+/// `Status:` and header lines from `http.response.start`, and the status code.
+fn encode_head(status: &Bound<'_, PyAny>, headers: &Bound<'_, PyAny>) -> PyResult<(Vec<u8>, u16)> {
+    let code: u16 = status
+        .extract()
+        .ok()
+        .filter(|code| (100..=999).contains(code))
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "http.response.start: status {status} is invalid: expected an int from 100 to 999"
+            ))
+        })?;
+    let mut head = format!("Status: {code} {}\r\n", reason(code)).into_bytes();
+    for header in headers.try_iter()? {
+        let header = header?;
+        let pair: (PyBackedBytes, PyBackedBytes) = header.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "http.response.start: header {header} is not a pair of bytes"
+            ))
+        })?;
+        let (name, value) = (&*pair.0, &*pair.1);
+        let valid_name = !name.is_empty()
+            && name
+                .iter()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(b));
+        if !valid_name {
+            return Err(PyValueError::new_err(format!(
+                "http.response.start: header name {:?} is invalid",
+                String::from_utf8_lossy(name)
+            )));
+        }
+        if value.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+            return Err(PyValueError::new_err(format!(
+                "http.response.start: header {}: {:?} is invalid: CR, LF or NUL in the value",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(value)
+            )));
+        }
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    Ok((head, code))
+}
+
+/// The reason phrase of the `Status:` line (web servers pass it on).
+fn reason(code: u16) -> &'static str {
+    match code {
+        100 => "Continue",
+        101 => "Switching Protocols",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        410 => "Gone",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+/// The HTTP connection scope (ASGI 2.4) of a request.
+fn scope<'py>(py: Python<'py>, app: &App, params: &Params) -> PyResult<Bound<'py, PyDict>> {
+    let text = |name: &[u8]| params.get(name).filter(|v| !v.is_empty());
+    let route = routing::route(
+        params,
+        &RouteSettings {
+            allow_path_info_for_script_mappings: app.allow_path_info_for_script_mappings,
+            script_name: app.script_name.as_deref(),
+        },
+    );
+    let scope = PyDict::new(py);
+    scope.set_item("type", "http")?;
+    let asgi = PyDict::new(py);
+    asgi.set_item("version", "3.0")?;
+    asgi.set_item("spec_version", "2.4")?;
+    scope.set_item("asgi", asgi)?;
+    let protocol = text(b"SERVER_PROTOCOL").unwrap_or(b"HTTP/1.1");
+    let http_version = match protocol.strip_prefix(b"HTTP/") {
+        Some(b"1.0") => "1.0",
+        Some(b"2" | b"2.0") => "2",
+        Some(b"3" | b"3.0") => "3",
+        _ => "1.1",
+    };
+    scope.set_item("http_version", http_version)?;
+    let method = text(b"REQUEST_METHOD").unwrap_or(b"GET");
+    scope.set_item(
+        "method",
+        String::from_utf8_lossy(method).to_ascii_uppercase(),
+    )?;
+    let https = params
+        .get(b"HTTPS")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"on"));
+    scope.set_item("scheme", if https { "https" } else { "http" })?;
+    let mut path = route.script_name.to_vec();
+    path.extend_from_slice(&route.path_info);
+    scope.set_item("path", String::from_utf8_lossy(&path))?;
+    // The target as the client sent it: nginx's REQUEST_URI, IIS's UNENCODED_URL.
+    let raw = text(b"REQUEST_URI")
+        .or_else(|| text(b"UNENCODED_URL"))
+        .map(|uri| uri.split(|&b| b == b'?').next().unwrap_or_default())
+        .unwrap_or(&path);
+    scope.set_item("raw_path", PyBytes::new(py, raw))?;
+    let query = params.get(b"QUERY_STRING").unwrap_or_default();
+    scope.set_item("query_string", PyBytes::new(py, query))?;
+    scope.set_item("root_path", String::from_utf8_lossy(&route.script_name))?;
+    let headers = PyList::empty(py);
+    for (name, value) in params.iter() {
+        let header = match name {
+            b"CONTENT_TYPE" if !value.is_empty() => b"content-type".to_vec(),
+            b"CONTENT_LENGTH" if !super::is_unknown_length(value) => b"content-length".to_vec(),
+            _ => match name.strip_prefix(b"HTTP_") {
+                Some(rest) if !rest.is_empty() => rest
+                    .iter()
+                    .map(|&b| {
+                        if b == b'_' {
+                            b'-'
+                        } else {
+                            b.to_ascii_lowercase()
+                        }
+                    })
+                    .collect(),
+                _ => continue,
+            },
+        };
+        headers.append((PyBytes::new(py, &header), PyBytes::new(py, value)))?;
+    }
+    scope.set_item("headers", headers)?;
+    let address = |host: &[u8], port: &[u8]| -> Option<(String, u16)> {
+        let host = params.get(host).filter(|v| !v.is_empty())?;
+        let port = std::str::from_utf8(params.get(port)?)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Some((String::from_utf8_lossy(host).into_owned(), port))
+    };
+    scope.set_item("client", address(b"REMOTE_ADDR", b"REMOTE_PORT"))?;
+    scope.set_item(
+        "server",
+        address(b"SERVER_ADDR", b"SERVER_PORT").or_else(|| address(b"SERVER_NAME", b"SERVER_PORT")),
+    )?;
+    let extensions = PyDict::new(py);
+    extensions.set_item("http.response.pathsend", PyDict::new(py))?;
+    scope.set_item("extensions", extensions)?;
+    Ok(scope)
+}

@@ -1,0 +1,163 @@
+"""Raw ASGI 3 test applications (no framework): see README.md."""
+
+import asyncio
+import hashlib
+import json
+import os
+import sys
+import urllib.parse
+
+# Requests this process is running (the concurrency and leak tests read it through /inflight).
+IN_FLIGHT = 0
+PEAK = 0
+
+
+def _query(scope):
+    return dict(urllib.parse.parse_qsl(scope["query_string"].decode("latin-1")))
+
+
+async def _respond(send, status, body, content_type=b"text/plain", headers=()):
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type),
+                    (b"content-length", str(len(body)).encode())] + list(headers),
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _json(send, value, status=200):
+    await _respond(send, status, json.dumps(value).encode(), b"application/json")
+
+
+async def _read_body(receive):
+    """The whole body: (data, chunk count)."""
+    data = bytearray()
+    chunks = 0
+    while True:
+        message = await receive()
+        assert message["type"] == "http.request", message
+        data += message.get("body", b"")
+        chunks += 1
+        if not message.get("more_body", False):
+            return bytes(data), chunks
+
+
+async def app(scope, receive, send):
+    """Hello, with lifespan ignored (it raises on the lifespan scope)."""
+    assert scope["type"] == "http", scope["type"]
+    await _respond(send, 200, b"Hello, ASGI!\n")
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+async def scope_app(scope, receive, send):
+    """The scope as JSON (bytes as latin-1 str)."""
+    if scope["type"] == "lifespan":
+        return
+    await _json(send, _plain(dict(scope)))
+
+
+async def echo_app(scope, receive, send):
+    """{"length", "sha256", "chunks"} of the body, read with receive() in a loop."""
+    if scope["type"] == "lifespan":
+        return
+    data, chunks = await _read_body(receive)
+    await _json(send, {"length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                       "chunks": chunks})
+
+
+async def count_app(scope, receive, send):
+    """Counts its bytes without keeping them (for the memory bound)."""
+    if scope["type"] == "lifespan":
+        return
+    total = 0
+    digest = hashlib.sha256()
+    while True:
+        message = await receive()
+        body = message.get("body", b"")
+        total += len(body)
+        digest.update(body)
+        if not message.get("more_body", False):
+            break
+    await _json(send, {"length": total, "sha256": digest.hexdigest()})
+
+
+async def stream_app(scope, receive, send):
+    """`n` chunks of `size` bytes of x (more_body), `sleep` seconds apart; no Content-Length."""
+    if scope["type"] == "lifespan":
+        return
+    q = _query(scope)
+    n, size, sleep = int(q.get("n", 5)), int(q.get("size", 10)), float(q.get("sleep", 0))
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/plain")]})
+    for _ in range(n):
+        await send({"type": "http.response.body", "body": b"x" * size, "more_body": True})
+        if sleep:
+            await asyncio.sleep(sleep)
+    await send({"type": "http.response.body", "body": b""})
+
+
+class Lifespan:
+    """An object whose __call__ is a coroutine function, with lifespan state: startup sets
+    state["started"], requests report it; shutdown prints `lifespan shutdown` (to the log)."""
+
+    def __init__(self):
+        self.events = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                self.events.append(message["type"])
+                if message["type"] == "lifespan.startup":
+                    scope["state"]["started"] = "yes"
+                    print("lifespan startup", flush=True)
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    print(f"lifespan shutdown after {IN_FLIGHT} in flight", flush=True)
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await _json(send, {"state": scope["state"], "events": self.events})
+
+
+lifespan_app = Lifespan()
+
+
+async def failing_startup(scope, receive, send):
+    if scope["type"] == "lifespan":
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "database unreachable"})
+        return
+    await _respond(send, 200, b"never\n")
+
+
+def wsgi_app(environ, start_response):
+    """A WSGI app, for WSGI_INTERFACE=asgi to be wrong about."""
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"WSGI\n"]
+
+
+async def slow_app(scope, receive, send):
+    """Sleeps `sleep` seconds (default 0.5) while counting requests in flight; reports the peak."""
+    global IN_FLIGHT, PEAK
+    if scope["type"] == "lifespan":
+        return
+    q = _query(scope)
+    if scope["path"].endswith("/inflight"):
+        return await _json(send, {"in_flight": IN_FLIGHT, "peak": PEAK})
+    IN_FLIGHT += 1
+    PEAK = max(PEAK, IN_FLIGHT)
+    try:
+        await asyncio.sleep(float(q.get("sleep", 0.5)))
+    finally:
+        IN_FLIGHT -= 1
+    await _json(send, {"peak": PEAK})
