@@ -100,6 +100,7 @@ async def index(request: Request):
         "pid": request.state.pid,
         "root_path": request.scope.get("root_path", ""),
         "path": request.url.path,
+        "host": request.headers.getlist("host"),
     }
 
 
