@@ -258,10 +258,15 @@ fn check_python(report: &mut Report, config: &AppConfig, request: Option<&str>) 
     ));
     report.ok(format!("sys.path = {:?}", diagnosis.sys_path));
     match diagnosis.handler {
-        HandlerReport::Ready { name, kind } => {
+        HandlerReport::Ready {
+            name,
+            kind,
+            interface,
+        } => {
             report.ok(format!(
                 "WSGI_HANDLER {name:?} imports and is callable ({kind})"
             ));
+            report.ok(format!("interface: {interface}"));
         }
         HandlerReport::Missing(message) => return report.fail(message),
         HandlerReport::Broken { name, error, hints } => {

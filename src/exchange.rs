@@ -41,6 +41,11 @@ pub trait BodySource: Send + Sync {
     /// Blocks the calling thread (never a tokio thread) until the next piece of the body;
     /// `Ok(None)` at its end.
     fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted>;
+    /// The connection task's channel, for a consumer that awaits the body rather than block a
+    /// thread on it (the ASGI bridge); `None` when the consumer's thread reads the socket.
+    fn channel(&mut self) -> Option<&mut mpsc::Receiver<BodyEvent>> {
+        None
+    }
 }
 
 /// Where a request's response goes.
@@ -51,6 +56,10 @@ pub trait OutputTarget: Send + Sync {
     fn send_blocking(&self, output: Output) -> Result<(), ResponseGone>;
     /// FCGI_ABORT_REQUEST arrived: the application should stop at its next chunk.
     fn is_aborted(&self) -> bool;
+    /// The connection task's channel, whose room a consumer can await (the ASGI bridge).
+    fn channel(&self) -> Option<&mpsc::Sender<Output>> {
+        None
+    }
 }
 
 /// The request body as the web server sends it.
@@ -78,6 +87,11 @@ impl BodyStream {
     pub fn next_blocking(&mut self) -> Result<Option<Bytes>, BodyInterrupted> {
         self.source.next_blocking()
     }
+
+    /// See [`BodySource::channel`].
+    pub fn channel(&mut self) -> Option<&mut mpsc::Receiver<BodyEvent>> {
+        self.source.channel()
+    }
 }
 
 /// The body as a connection task feeds it.
@@ -90,6 +104,10 @@ impl BodySource for ChannelBody {
             Some(BodyEvent::End) => Ok(None),
             None => Err(BodyInterrupted),
         }
+    }
+
+    fn channel(&mut self) -> Option<&mut mpsc::Receiver<BodyEvent>> {
+        Some(&mut self.0)
     }
 }
 
@@ -142,6 +160,11 @@ impl ResponseSink {
     pub fn send_blocking(&self, output: Output) -> Result<(), ResponseGone> {
         self.target.send_blocking(output)
     }
+
+    /// See [`OutputTarget::channel`].
+    pub fn channel(&self) -> Option<&mpsc::Sender<Output>> {
+        self.target.channel()
+    }
 }
 
 /// The response as a connection task writes it.
@@ -164,6 +187,10 @@ impl OutputTarget for ChannelOutput {
 
     fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::Acquire)
+    }
+
+    fn channel(&self) -> Option<&mpsc::Sender<Output>> {
+        Some(&self.sender)
     }
 }
 

@@ -182,17 +182,27 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         max_conns,
         max_reqs,
     };
-    // On Linux idle workers accept connections themselves (acceptor.rs).
+    // Listening, the application is loaded before a connection is taken: an ASGI one runs its
+    // requests on its event loop, so the I/O thread serves every connection (python/asgi.rs).
+    let threads = config.map_or(1, |config| self::threads(config, iis_stream));
+    let preloaded = match (eager_site.as_ref(), iis_stream) {
+        (Some(site), false) => Some(load(site.config.clone(), deployment(threads, &options))),
+        _ => None,
+    };
+    // On Linux idle workers accept connections themselves (acceptor.rs), WSGI only.
     #[cfg(target_os = "linux")]
-    let (transport, jobs, acceptor) = crate::transport::server::share(
-        transport,
-        jobs,
-        allowed_peers.clone(),
-        advertised,
-        !options.supervised,
-        send_timeout,
-    )
-    .context("cannot share the listening socket with the workers")?;
+    let (transport, jobs, acceptor) = match &preloaded {
+        Some(AppState::Ready(app)) if app.is_asgi() => (transport, jobs, None),
+        _ => crate::transport::server::share(
+            transport,
+            jobs,
+            allowed_peers.clone(),
+            advertised,
+            !options.supervised,
+            send_timeout,
+        )
+        .context("cannot share the listening socket with the workers")?,
+    };
     let context = Arc::new(ServerContext {
         jobs,
         param_limits: ParamLimits::default(),
@@ -235,7 +245,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         let threads = site
             .config
             .as_ref()
-            .map_or(1, |config| threads(config, iis_stream));
+            .map_or(1, |config| self::threads(config, iis_stream));
         let (state, first_job) = start_site(
             site,
             first_job,
@@ -248,6 +258,7 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             } else {
                 Serving::Listening
             },
+            preloaded,
         );
         let feed = Feed {
             jobs: &job_receiver,
@@ -292,6 +303,7 @@ fn serve_direct(
             &trigger,
             1,
             Serving::Direct,
+            None,
         );
         work(&state, first_job, &mut next);
     }
@@ -300,7 +312,8 @@ fn serve_direct(
 }
 
 /// Watches the site, sets the grace period, reports a log problem to the first request, and
-/// loads the application. Returns it with the first job still to serve.
+/// loads the application (unless `preloaded`). Returns it with the first job still to serve.
+#[allow(clippy::too_many_arguments)]
 fn start_site(
     site: Site,
     mut first_job: Option<Job>,
@@ -309,6 +322,7 @@ fn start_site(
     trigger: &shutdown::Trigger,
     threads: usize,
     serving: Serving,
+    preloaded: Option<AppState>,
 ) -> (AppState, Option<Job>) {
     if !options.supervised {
         watcher::spawn(
@@ -332,11 +346,7 @@ fn start_site(
             exchange::respond_notice(job, notice);
         }
     }
-    let deployment = Deployment {
-        multithread: threads > 1,
-        multiprocess: options.multiprocess,
-    };
-    let state = load(site.config, deployment);
+    let state = preloaded.unwrap_or_else(|| load(site.config, deployment(threads, options)));
     #[cfg(unix)]
     crate::supervisor::report_ready();
     (state, first_job)
@@ -405,6 +415,13 @@ fn threads(config: &AppConfig, iis_stream: bool) -> usize {
             tracing::error!("{e:#}; using 1 thread");
             1
         }),
+    }
+}
+
+fn deployment(threads: usize, options: &Options) -> Deployment {
+    Deployment {
+        multithread: threads > 1,
+        multiprocess: options.multiprocess,
     }
 }
 

@@ -99,8 +99,20 @@ impl AppArgs {
         if let Some(threads) = self.threads {
             args.extend(["--threads".into(), threads.to_string().into()]);
         }
+        if let Some(interface) = &self.interface {
+            args.extend(["--interface".into(), interface.into()]);
+        }
         args.extend(self.ops.args());
         args
+    }
+
+    /// The settings given as options.
+    fn settings(&self) -> Vec<(String, String)> {
+        let mut settings = self.ops.overrides();
+        if let Some(interface) = &self.interface {
+            settings.push(("WSGI_INTERFACE".to_owned(), interface.clone()));
+        }
+        settings
     }
 }
 
@@ -134,6 +146,10 @@ struct AppArgs {
     /// Python worker threads (as WSGI_THREADS); default 1 under IIS, 4 with --bind.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
+    /// The application's interface, when telling it from the handler is not wanted (as
+    /// WSGI_INTERFACE): an ASGI 3 application is otherwise a coroutine function.
+    #[arg(long, value_parser = ["wsgi", "asgi"])]
+    interface: Option<String>,
     #[command(flatten)]
     ops: wfastcgi::ops::OpsArgs,
 }
@@ -260,7 +276,7 @@ fn main() -> ExitCode {
         threads: app.threads.map(usize::from),
         multiprocess: bind.is_none() || supervised || processes.is_some_and(|n| n > 1),
         supervised,
-        settings: app.ops.overrides(),
+        settings: app.settings(),
     };
     let served = match processes {
         #[cfg(unix)]

@@ -82,6 +82,12 @@ impl GuardedSink {
         Ok(())
     }
 
+    /// The connection's channel, whose room an asynchronous sender awaits before
+    /// [`GuardedSink::try_send`] (the ASGI bridge).
+    pub fn channel(&self) -> Option<&tokio::sync::mpsc::Sender<Output>> {
+        self.sink.channel()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()

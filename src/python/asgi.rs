@@ -22,7 +22,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use super::response::error_response;
 use super::{describe, format_exception, App};
 use crate::config::ErrorDetail;
-use crate::exchange::{BodyStream, Output, ResponseEncoder, TrySendError};
+use crate::exchange::{BodyEvent, BodyStream, Output, ResponseEncoder, TrySendError};
 use crate::ops::{GuardedSink, InFlight};
 use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
@@ -39,6 +39,15 @@ const FILE_BLOCK: usize = 64 * 1024;
 pub enum Interface {
     Wsgi,
     Asgi,
+}
+
+impl std::fmt::Display for Interface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Interface::Wsgi => "WSGI",
+            Interface::Asgi => "ASGI",
+        })
+    }
 }
 
 /// Which interface `handler` speaks and why: `WSGI_INTERFACE` when set, else an ASGI 3
@@ -98,6 +107,8 @@ pub fn detect(
 /// The loaded ASGI application: requests go to the event loop.
 pub struct AsgiApp {
     shared: Arc<Shared>,
+    /// Pumps the requests of connection tasks (`wfastcgi-asgi-io`; never takes the GIL).
+    runtime: tokio::runtime::Runtime,
 }
 
 /// What the loop and the workers share.
@@ -105,7 +116,7 @@ struct Shared {
     items: Mutex<Vec<Item>>,
     /// A wake-up byte is on its way: no need for another.
     wake_pending: AtomicBool,
-    waker: OnceLock<Waker>,
+    waker: OnceLock<Wakeup>,
     /// The outcome of lifespan startup, and then whether the loop thread has ended.
     state: Mutex<LoopState>,
     changed: Condvar,
@@ -164,10 +175,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The writing end of the loop's wake-up socket pair, owned by Python (which never closes it).
-struct Waker(std::mem::ManuallyDrop<socket2::Socket>);
+struct Wakeup(std::mem::ManuallyDrop<socket2::Socket>);
 
-impl Waker {
-    fn new(handle: u64) -> Waker {
+impl Wakeup {
+    fn new(handle: u64) -> Wakeup {
         #[cfg(unix)]
         // SAFETY: the descriptor is the open write end of the loop's socket pair, which the
         // Python side keeps open for the life of the process; ManuallyDrop never closes it.
@@ -181,7 +192,7 @@ impl Waker {
             use std::os::windows::io::FromRawSocket;
             socket2::Socket::from_raw_socket(handle)
         };
-        Waker(std::mem::ManuallyDrop::new(socket))
+        Wakeup(std::mem::ManuallyDrop::new(socket))
     }
 
     /// The socket is non-blocking; a full buffer means the loop has a wake-up to read anyway.
@@ -202,7 +213,7 @@ impl Bridge {
     #[pyo3(signature = (failure, waker=None))]
     fn started(&self, failure: Option<String>, waker: Option<u64>) {
         if let Some(handle) = waker {
-            let _ = self.shared.waker.set(Waker::new(handle));
+            let _ = self.shared.waker.set(Wakeup::new(handle));
         }
         let outcome = match failure {
             Some(reason) => Err(reason),
@@ -302,8 +313,14 @@ pub fn start(py: Python<'_>, handler: &Bound<'_, PyAny>) -> Result<AsgiApp, Stri
         }
     });
     started.map_err(|reason| format!("ASGI lifespan startup failed: {reason}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("wfastcgi-asgi-io")
+        .enable_time()
+        .build()
+        .map_err(|e| format!("cannot start the ASGI I/O runtime: {e}"))?;
     let _ = SHARED.set(shared.clone());
-    Ok(AsgiApp { shared })
+    Ok(AsgiApp { shared, runtime })
 }
 
 /// Runs lifespan shutdown once every worker is done, and waits for the loop to end, at most
@@ -323,7 +340,7 @@ pub fn stop(grace: Duration) {
     }
 }
 
-/// What the loop asks of the worker that waits for a request.
+/// What the loop asks of the pump that serves a request's I/O.
 enum Op {
     /// The next piece of the body.
     Receive(Py<PyAny>),
@@ -350,18 +367,45 @@ enum Op {
     },
 }
 
-/// Serves one request: builds its scope, hands it to the loop, and does its I/O until it ends.
+/// The loop's end of a request's pump.
+enum Ops {
+    /// The pump is the worker thread that took the request.
+    Thread(crossbeam_channel::Sender<Op>),
+    /// The pump is a task on the bridge's runtime.
+    Task(tokio::sync::mpsc::UnboundedSender<Op>),
+}
+
+impl Ops {
+    fn send(&self, op: Op) {
+        // The pump waits for the request's end, so it is there to receive.
+        let _ = match self {
+            Ops::Thread(sender) => sender.send(op).map_err(drop),
+            Ops::Task(sender) => sender.send(op).map_err(drop),
+        };
+    }
+}
+
+/// Serves one request: builds its scope and hands it to the loop. A request from a connection
+/// task is then pumped by a task on the bridge's runtime, and this thread is free for the next
+/// one; a request this thread reads from the socket itself (the IIS stream, a connection a
+/// worker accepted) is pumped by this thread, which waits for it without the GIL.
 pub(super) fn handle(
     py: Python<'_>,
     app: &App,
     asgi: &AsgiApp,
     in_flight: InFlight,
-    params: &Params,
-    body: BodyStream,
+    params: Params,
+    mut body: BodyStream,
 ) {
     let sink = in_flight.sink();
-    let what = describe(params);
-    let (ops, receiver) = crossbeam_channel::unbounded();
+    let asynchronous = body.channel().is_some() && sink.channel().is_some();
+    let (ops, thread_ops, task_ops) = if asynchronous {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        (Ops::Task(sender), None, Some(receiver))
+    } else {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        (Ops::Thread(sender), Some(receiver), None)
+    };
     let request = AsgiRequest {
         ops,
         sink: sink.clone(),
@@ -372,69 +416,192 @@ pub(super) fn handle(
         sent: false,
         done: false,
         detail: app.error_detail,
-        what,
+        what: describe(&params),
     };
-    let prepared = scope(py, app, params).and_then(|scope| Ok((scope, Py::new(py, request)?)));
+    let prepared = scope(py, app, &params).and_then(|scope| Ok((scope, Py::new(py, request)?)));
     let (scope, request) = match prepared {
         Ok(prepared) => prepared,
         Err(e) => {
             let message = format_exception(py, &e);
             tracing::error!(
                 "{}: cannot build the ASGI scope:\n{message}",
-                describe(params)
+                describe(&params)
             );
             let mut encoder = ResponseEncoder::new(sink.request_id());
             error_response(&mut encoder, &message, app.error_detail);
             let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
-            return in_flight.end(params, 500, 0);
+            return in_flight.end(&params, 500, ERROR_BODY_LEN);
         }
     };
     asgi.shared.push(Item::Request(scope.unbind(), request));
-    let (status, bytes) = py.detach(|| pump(&receiver, body, &sink, &asgi.shared));
-    in_flight.end(params, status, bytes);
+    if let Some(ops) = task_ops {
+        let shared = asgi.shared.clone();
+        asgi.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(WATCH_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut wire = TaskWire {
+                ops,
+                body,
+                sink: sink.clone(),
+                tick,
+            };
+            let (status, bytes) = pump(&mut wire, &sink, &shared).await;
+            in_flight.end(&params, status, bytes);
+        });
+    } else if let Some(ops) = thread_ops {
+        let mut wire = ThreadWire {
+            ops,
+            body,
+            sink: sink.clone(),
+        };
+        let (status, bytes) = py.detach(|| run_here(pump(&mut wire, &sink, &asgi.shared)));
+        in_flight.end(&params, status, bytes);
+    }
 }
 
-/// The worker's side of a request: does what the loop asks until the request ends. Returns the
-/// status and body bytes for the access log.
-fn pump(
-    ops: &crossbeam_channel::Receiver<Op>,
-    mut body: BodyStream,
-    sink: &GuardedSink,
-    shared: &Shared,
-) -> (u16, u64) {
+/// What a pump waits for next.
+enum Next {
+    Op(Op),
+    /// `WATCH_TICK` went by: time to look whether the request was aborted.
+    Tick,
+    /// The request object went away without ending the request (the loop stopped).
+    Closed,
+}
+
+/// A request's connection, as its pump uses it: blocking calls on a worker thread, or awaited
+/// channels in a task.
+trait Wire {
+    async fn next(&mut self, watching: bool) -> Next;
+    async fn read(&mut self) -> Completion;
+    /// Whether the web server took the batch.
+    async fn send(&mut self, output: Output) -> bool;
+}
+
+struct ThreadWire {
+    ops: crossbeam_channel::Receiver<Op>,
+    body: BodyStream,
+    sink: Arc<GuardedSink>,
+}
+
+impl Wire for ThreadWire {
+    async fn next(&mut self, _watching: bool) -> Next {
+        match self.ops.recv_timeout(WATCH_TICK) {
+            Ok(op) => Next::Op(op),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Next::Tick,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Next::Closed,
+        }
+    }
+
+    async fn read(&mut self) -> Completion {
+        match self.body.next_blocking() {
+            Ok(Some(data)) => Completion::Chunk(data),
+            Ok(None) => Completion::BodyEnd,
+            Err(_) => Completion::Interrupted,
+        }
+    }
+
+    async fn send(&mut self, output: Output) -> bool {
+        self.sink.send_blocking(output).is_ok()
+    }
+}
+
+struct TaskWire {
+    ops: tokio::sync::mpsc::UnboundedReceiver<Op>,
+    body: BodyStream,
+    sink: Arc<GuardedSink>,
+    tick: tokio::time::Interval,
+}
+
+impl Wire for TaskWire {
+    async fn next(&mut self, watching: bool) -> Next {
+        tokio::select! {
+            op = self.ops.recv() => op.map_or(Next::Closed, Next::Op),
+            _ = self.tick.tick(), if watching => Next::Tick,
+        }
+    }
+
+    async fn read(&mut self) -> Completion {
+        let Some(channel) = self.body.channel() else {
+            return Completion::Interrupted;
+        };
+        match channel.recv().await {
+            Some(BodyEvent::Data(data)) => Completion::Chunk(data),
+            Some(BodyEvent::End) => Completion::BodyEnd,
+            None => Completion::Interrupted,
+        }
+    }
+
+    /// Waits for room in the connection's channel (the web server reads slowly) without a
+    /// thread; the batch still goes through the guarded sink, which the watchdog shares.
+    async fn send(&mut self, mut output: Output) -> bool {
+        loop {
+            match self.sink.try_send(output) {
+                Ok(()) => return true,
+                Err(TrySendError::Gone) => return false,
+                Err(TrySendError::Full(back)) => {
+                    output = back;
+                    let Some(channel) = self.sink.channel() else {
+                        return false;
+                    };
+                    // The permit is dropped at once: this request is the channel's only sender.
+                    if channel.reserve().await.is_err() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs a pump on this thread: its [`ThreadWire`] blocks rather than returning `Pending`.
+fn run_here<T>(future: impl std::future::Future<Output = T>) -> T {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(value) = future.as_mut().poll(&mut context) {
+            return value;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// Does what the loop asks until the request ends. Returns the status and body bytes for the
+/// access log.
+async fn pump(wire: &mut impl Wire, sink: &GuardedSink, shared: &Shared) -> (u16, u64) {
     let mut watch: Option<Py<PyAny>> = None;
     let release = |watch: &mut Option<Py<PyAny>>| {
         if let Some(future) = watch.take() {
             shared.complete(future, Completion::Interrupted);
         }
     };
+    let mut body_ended = false;
     loop {
-        let op = match ops.recv_timeout(WATCH_TICK) {
-            Ok(op) => op,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+        let op = match wire.next(watch.is_some()).await {
+            Next::Op(op) => op,
+            Next::Tick => {
                 if sink.is_aborted() {
                     release(&mut watch);
                 }
                 continue;
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                // The request object went away without ending the request (the loop stopped).
+            Next::Closed => {
                 tracing::error!(
                     request_id = sink.request_id(),
                     "the ASGI request was dropped before its response ended; response cut short"
                 );
                 let mut encoder = ResponseEncoder::new(sink.request_id());
-                let _ = sink.send_blocking(Output::End(encoder.finish(1)));
+                wire.send(Output::End(encoder.finish(1))).await;
                 return (500, 0);
             }
         };
         match op {
             Op::Receive(future) => {
-                let completion = match body.next_blocking() {
-                    Ok(Some(data)) => Completion::Chunk(data),
-                    Ok(None) => Completion::BodyEnd,
-                    Err(_) => Completion::Interrupted,
+                let completion = if body_ended {
+                    Completion::BodyEnd
+                } else {
+                    wire.read().await
                 };
+                body_ended = matches!(completion, Completion::BodyEnd);
                 shared.complete(future, completion);
             }
             Op::Watch(future) => watch = Some(future),
@@ -443,15 +610,8 @@ fn pump(
                 future,
                 last,
             } => {
-                let sent = sink.send_blocking(output).is_ok();
-                shared.complete(
-                    future,
-                    if sent {
-                        Completion::Sent
-                    } else {
-                        Completion::Gone
-                    },
-                );
+                let sent = wire.send(output).await;
+                shared.complete(future, Completion::sent(sent));
                 if let Some(outcome) = last {
                     release(&mut watch);
                     return outcome;
@@ -472,15 +632,8 @@ fn pump(
                         continue;
                     }
                 };
-                let (sent, bytes) = send_file(sink, head, file, &path);
-                shared.complete(
-                    future,
-                    if sent {
-                        Completion::Sent
-                    } else {
-                        Completion::Gone
-                    },
-                );
+                let (sent, bytes) = send_file(wire, sink, head, file, &path).await;
+                shared.complete(future, Completion::sent(sent));
                 release(&mut watch);
                 return (status, bytes);
             }
@@ -490,7 +643,7 @@ fn pump(
                 bytes,
             } => {
                 if let Some(output) = output {
-                    let _ = sink.send_blocking(output);
+                    wire.send(output).await;
                 }
                 release(&mut watch);
                 return (status, bytes);
@@ -499,9 +652,22 @@ fn pump(
     }
 }
 
+impl Completion {
+    fn sent(sent: bool) -> Completion {
+        if sent {
+            Completion::Sent
+        } else {
+            Completion::Gone
+        }
+    }
+}
+
 /// Sends the head and the file, then ends the request (cut short, app status 1, when the file
 /// cannot be read to its end). Returns whether the web server took it all, and the body bytes.
-fn send_file(
+/// The file is read without the GIL, in blocks (on the bridge's runtime thread for a task:
+/// a regular file's reads do not wait on the network).
+async fn send_file(
+    wire: &mut impl Wire,
     sink: &GuardedSink,
     head: Bytes,
     mut file: std::fs::File,
@@ -514,7 +680,7 @@ fn send_file(
     let mut bytes = 0u64;
     loop {
         if sink.is_aborted() {
-            let _ = sink.send_blocking(Output::End(encoder.finish(0)));
+            wire.send(Output::End(encoder.finish(0))).await;
             return (false, bytes);
         }
         match file.read(&mut buffer) {
@@ -522,8 +688,8 @@ fn send_file(
             Ok(n) => {
                 encoder.stdout(&buffer[..n]);
                 bytes += n as u64;
-                if sink.send_blocking(Output::Records(encoder.take())).is_err() {
-                    let _ = sink.send_blocking(Output::End(encoder.finish(0)));
+                if !wire.send(Output::Records(encoder.take())).await {
+                    wire.send(Output::End(encoder.finish(0))).await;
                     return (false, bytes);
                 }
             }
@@ -534,22 +700,20 @@ fn send_file(
                     path.display()
                 );
                 encoder.discard();
-                let _ = sink.send_blocking(Output::End(encoder.finish(1)));
+                wire.send(Output::End(encoder.finish(1))).await;
                 return (true, bytes);
             }
         }
     }
-    (
-        sink.send_blocking(Output::End(encoder.finish(0))).is_ok(),
-        bytes,
-    )
+    let sent = wire.send(Output::End(encoder.finish(0))).await;
+    (sent, bytes)
 }
 
 /// One request as the loop sees it: encodes the response and sends what the connection takes at
 /// once; anything that would wait goes to the request's worker.
 #[pyclass(module = "wfastcgi", name = "AsgiRequest")]
 struct AsgiRequest {
-    ops: crossbeam_channel::Sender<Op>,
+    ops: Ops,
     sink: Arc<GuardedSink>,
     encoder: ResponseEncoder,
     /// `Status:` line and headers from `http.response.start`, until they go out.
@@ -566,8 +730,7 @@ struct AsgiRequest {
 
 impl AsgiRequest {
     fn post(&self, op: Op) {
-        // The worker waits for the request's end, so it is there to receive.
-        let _ = self.ops.send(op);
+        self.ops.send(op);
     }
 
     fn end(&mut self, output: Option<Output>) {
@@ -861,9 +1024,9 @@ fn scope<'py>(py: Python<'py>, app: &App, params: &Params) -> PyResult<Bound<'py
     let mut path = route.script_name.to_vec();
     path.extend_from_slice(&route.path_info);
     scope.set_item("path", String::from_utf8_lossy(&path))?;
-    // The target as the client sent it: nginx's REQUEST_URI, IIS's UNENCODED_URL.
-    let raw = text(b"REQUEST_URI")
-        .or_else(|| text(b"UNENCODED_URL"))
+    // The target as the client sent it: IIS's UNENCODED_URL, nginx's REQUEST_URI.
+    let raw = text(b"UNENCODED_URL")
+        .or_else(|| text(b"REQUEST_URI"))
         .map(|uri| uri.split(|&b| b == b'?').next().unwrap_or_default())
         .unwrap_or(&path);
     scope.set_item("raw_path", PyBytes::new(py, raw))?;

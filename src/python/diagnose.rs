@@ -26,6 +26,8 @@ pub enum HandlerReport {
     Ready {
         name: String,
         kind: String,
+        /// `WSGI` or `ASGI`, and why.
+        interface: String,
     },
     Missing(String),
     Broken {
@@ -53,14 +55,25 @@ pub fn diagnose(config: &AppConfig) -> Result<Diagnosis, String> {
         let handler = match handler_name(config) {
             Err(message) => HandlerReport::Missing(message),
             Ok(name) => match handler::resolve(py, &name) {
-                Ok(handler) => HandlerReport::Ready {
-                    kind: handler
-                        .get_type()
-                        .name()
-                        .map(|n| n.to_string())
-                        .unwrap_or_default(),
-                    name,
-                },
+                Ok(handler) => {
+                    let setting = config.get("WSGI_INTERFACE");
+                    match super::asgi::detect(py, &handler, setting.as_deref()) {
+                        Ok((interface, why)) => HandlerReport::Ready {
+                            kind: handler
+                                .get_type()
+                                .name()
+                                .map(|n| n.to_string())
+                                .unwrap_or_default(),
+                            interface: format!("{interface} ({why})"),
+                            name,
+                        },
+                        Err(error) => HandlerReport::Broken {
+                            name,
+                            error,
+                            hints: Vec::new(),
+                        },
+                    }
+                }
                 Err(e) => HandlerReport::Broken {
                     error: format_exception(py, &e),
                     hints: hints(py, config, &name, &e),

@@ -55,6 +55,13 @@ pub struct App {
     asgi: Option<asgi::AsgiApp>,
 }
 
+impl App {
+    /// An ASGI application: its requests run on the event loop, not on the worker threads.
+    pub fn is_asgi(&self) -> bool {
+        self.asgi.is_some()
+    }
+}
+
 /// Prepares the interpreter for the application as wfastcgi.py does (app settings into
 /// `os.environ`, `chdir` to the app folder, which goes first on `sys.path`, then `PYTHONPATH`)
 /// and resolves `WSGI_HANDLER`. The interpreter must already be running.
@@ -82,7 +89,7 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
             asgi::Interface::Wsgi => (extras::wrap_for_application_insights(py, handler), None),
         };
         let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
-        tracing::info!("{interface:?} handler {handler_name:?} loaded ({why})");
+        tracing::info!("{interface} handler {handler_name:?} loaded ({why})");
         Ok(App {
             handler: handler.unbind(),
             base_environ: base_environ.unbind(),
@@ -210,7 +217,7 @@ pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
         }
     }
     if let Some(asgi) = &app.asgi {
-        return asgi::handle(py, app, asgi, in_flight, &params, body);
+        return asgi::handle(py, app, asgi, in_flight, params, body);
     }
     let responder = match Bound::new(py, StartResponse::new(in_flight.sink())) {
         Ok(responder) => responder,

@@ -161,3 +161,64 @@ async def slow_app(scope, receive, send):
     finally:
         IN_FLIGHT -= 1
     await _json(send, {"peak": PEAK})
+
+
+async def pathsend_app(scope, receive, send):
+    """http.response.pathsend of the file named by the query's `path`, when the scope offers it."""
+    if scope["type"] == "lifespan":
+        return
+    assert "http.response.pathsend" in scope["extensions"], scope["extensions"]
+    path = _query(scope)["path"]
+    headers = [(b"content-type", b"application/octet-stream")]
+    if os.path.exists(path):
+        headers.append((b"content-length", str(os.path.getsize(path)).encode()))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.pathsend", "path": path})
+
+
+DISCONNECTS = []
+
+
+async def disconnect_app(scope, receive, send):
+    """/upload reads the body until http.disconnect; /stream streams until send() raises;
+    /seen reports what each saw; /inflight the requests still running."""
+    global IN_FLIGHT
+    if scope["type"] == "lifespan":
+        return
+    path = scope["path"]
+    if path.endswith("/seen"):
+        return await _json(send, {"seen": DISCONNECTS, "in_flight": IN_FLIGHT})
+    IN_FLIGHT += 1
+    try:
+        if path.endswith("/upload"):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    DISCONNECTS.append("upload: http.disconnect")
+                    return
+                if not message.get("more_body"):
+                    DISCONNECTS.append("upload: complete")
+                    return await _respond(send, 200, b"complete\n")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:
+                await send({"type": "http.response.body", "body": b"x" * 65536,
+                            "more_body": True})
+        except OSError as e:
+            DISCONNECTS.append(f"stream: {type(e).__name__}")
+            message = await receive()
+            DISCONNECTS.append(f"stream: {message['type']}")
+            raise
+    finally:
+        IN_FLIGHT -= 1
+
+
+class NotDetected:
+    """An ASGI app that hides it: a plain __call__ returning a coroutine. WSGI_INTERFACE=asgi
+    makes it work."""
+
+    def __call__(self, scope, receive, send):
+        return app(scope, receive, send)
+
+
+not_detected = NotDetected()
