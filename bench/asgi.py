@@ -60,9 +60,10 @@ def server_command(opts, name, folder, sock):
         return argv, location, "server unix:%s; keepalive 128;" % sock
     if name == "asgi":
         web_config(folder, "main.app", EXAMPLE)
+        threads = []
     else:
         web_config(folder, "fastapi_wsgi.application", EXAMPLE + ":" + PEERS)
-    threads = ["--threads", str(opts.threads)] if opts.threads else []
+        threads = ["--threads", str(opts.wsgi_threads)]
     argv = [opts.gateway, "serve", "--bind", "unix:" + sock, "--app-dir", folder,
             "--venv", opts.venv] + threads
     location = ("fastcgi_pass app; fastcgi_keep_conn on; "
@@ -246,9 +247,9 @@ def main():
     parser.add_argument("--clients", default="1,10,100")
     parser.add_argument("--only", default="hello,sleep")
     parser.add_argument("--servers", default="asgi,uvicorn,a2wsgi")
-    parser.add_argument("--threads", type=int, default=100,
-                        help="the gateway's --threads (0: its default): a2wsgi blocks a thread "
-                             "per request in flight, and so does the ASGI bridge for now")
+    parser.add_argument("--wsgi-threads", type=int, default=100,
+                        help="the gateway's --threads for a2wsgi, which blocks a thread per "
+                             "request in flight (the ASGI rows run with the default)")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results-asgi.md"))
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results-asgi.json"))
@@ -278,8 +279,8 @@ def main():
     lines = [f"`{opts.command}`, {started:%Y-%m-%d %H:%M} UTC, {machine()}; "
              f"{opts.rounds} round(s) of {opts.duration} s per run (medians), "
              f"`ab -k` through nginx (1 worker), the server on one CPU and nginx with ab on "
-             f"the other; the gateway runs with "
-             f"{f'`--threads {opts.threads}`' if opts.threads else 'its default threads'}.", "",
+             f"the other; a2wsgi runs with `--threads {opts.wsgi_threads}`, the ASGI gateway with its "
+             f"defaults.", "",
              "| endpoint | clients | server | req/s | p50 ms | p99 ms | failed | peak RSS MiB "
              "per process |",
              "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
