@@ -105,7 +105,9 @@ impl AppArgs {
         args.extend(self.ops.args());
         args
     }
+}
 
+impl AppArgs {
     /// The settings given as options.
     fn settings(&self) -> Vec<(String, String)> {
         let mut settings = self.ops.overrides();

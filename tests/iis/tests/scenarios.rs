@@ -426,7 +426,11 @@ fn the_fastapi_example_as_asgi_with_lifespan_state_validation_and_a_stream() {
         br#"{"name": "kettle", "price": -1}"#,
     );
     assert_eq!(invalid.status, 422, "{}", invalid.text());
-    assert!(invalid.text().contains("greater_than"), "{}", invalid.text());
+    assert!(
+        invalid.text().contains("greater_than"),
+        "{}",
+        invalid.text()
+    );
 
     let streamed = get(&mut client, &site, "/stream", "lines=500");
     assert_eq!(streamed.status, 200, "{}", streamed.stderr_text());
