@@ -21,34 +21,13 @@ fn a_big_upload_is_streamed_in_bounded_memory() {
     let mut client = gateway.client();
     let mut params = app.iis_params("POST", "/upload");
     set_param(&mut params, "CONTENT_LENGTH", &BIG.to_string());
-    let chunk = bytes_of(1024 * 1024, 5);
-    let mut writer = client.stream.try_clone().expect("clone");
-    let header_only = Client::<std::os::unix::net::UnixStream>::encode(&Send::new(1, &params));
-    // Everything but the body and its end, then the body in 1 MiB pieces, as IIS streams it.
-    let head_len = header_only.len() - protocol::HEADER_LEN;
-    let sender = std::thread::spawn(move || {
-        use std::io::Write;
-        writer.write_all(&header_only[..head_len]).expect("write");
-        let mut expected = sha2::Sha256::default();
-        for _ in 0..BIG / chunk.len() {
-            let mut records = Vec::new();
-            for piece in chunk.chunks(65535) {
-                push_record(&mut records, protocol::RecordType::Stdin, 1, piece, 0);
-            }
-            writer.write_all(&records).expect("write body");
-            sha2::Digest::update(&mut expected, &chunk);
-        }
-        let mut end = Vec::new();
-        push_record(&mut end, protocol::RecordType::Stdin, 1, b"", 0);
-        writer.write_all(&end).expect("write end");
-        sha2::Digest::finalize(expected)
-    });
+    let writer = client.stream.try_clone().expect("clone");
+    let sender = stream_upload(writer, &params, BIG);
     let response = client.read_response(1);
-    let expected = sender.join().expect("sender");
+    sender.join().expect("sender");
     let json = response.json();
     assert_eq!(json["length"], BIG);
-    let hex: String = expected.iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(json["sha256"], hex.as_str());
+    assert_eq!(json["sha256"], upload_sha256(BIG).as_str());
     let peak = peak_rss_mib(gateway.child.id());
     assert!(
         peak <= CEILING_MIB,

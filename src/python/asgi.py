@@ -144,12 +144,11 @@ async def _serve(app, scope, request, loop):
     try:
         await app(scope, exchange.receive, exchange.send)
     except BaseException as e:
+        # Not re-raised, not even SystemExit: a task's would stop the loop, and every request.
         if isinstance(e, ClientDisconnected) or exchange.disconnected:
             request.gone()
         else:
             request.fail(traceback.format_exc())
-        if not isinstance(e, Exception):
-            raise
     else:
         request.returned()
 
@@ -167,7 +166,7 @@ class _Exchange:
         self.watch = None
 
     async def receive(self):
-        if not self.body_done:
+        if not self.body_done and not self.disconnected:
             future = self.loop.create_future()
             self.request.receive(future)
             chunk = await future

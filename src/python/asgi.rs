@@ -291,12 +291,14 @@ pub fn start(py: Python<'_>, handler: &Bound<'_, PyAny>) -> Result<AsgiApp, Stri
                 if let Err(e) = run.call1(py, (bridge, handler)) {
                     tracing::error!("the ASGI event loop failed:\n{}", format_exception(py, &e));
                 }
-            });
-            ending.set_state(|state| {
-                state
-                    .started
-                    .get_or_insert(Err("the event loop ended".into()));
-                state.ended = true;
+                ending.set_state(|state| {
+                    state
+                        .started
+                        .get_or_insert(Err("the event loop ended".into()));
+                    state.ended = true;
+                });
+                // Requests handed over too late: their pumps see them dropped and end them.
+                drop(std::mem::take(&mut *lock(&ending.items)));
             });
         })
         .map_err(|e| format!("cannot start the event loop thread: {e}"))?;
@@ -398,6 +400,11 @@ pub(super) fn handle(
     mut body: BodyStream,
 ) {
     let sink = in_flight.sink();
+    if lock(&asgi.shared.state).ended {
+        let message = "the ASGI event loop has stopped (see the log)";
+        tracing::error!("{}: {message}", describe(&params));
+        return answer_500(py, in_flight, &params, message, app.error_detail);
+    }
     let asynchronous = body.channel().is_some() && sink.channel().is_some();
     let (ops, thread_ops, task_ops) = if asynchronous {
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -427,10 +434,7 @@ pub(super) fn handle(
                 "{}: cannot build the ASGI scope:\n{message}",
                 describe(&params)
             );
-            let mut encoder = ResponseEncoder::new(sink.request_id());
-            error_response(&mut encoder, &message, app.error_detail);
-            let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
-            return in_flight.end(&params, 500, ERROR_BODY_LEN);
+            return answer_500(py, in_flight, &params, &message, app.error_detail);
         }
     };
     asgi.shared.push(Item::Request(scope.unbind(), request));
@@ -457,6 +461,21 @@ pub(super) fn handle(
         let (status, bytes) = py.detach(|| run_here(pump(&mut wire, &sink, &asgi.shared)));
         in_flight.end(&params, status, bytes);
     }
+}
+
+/// Answers a request the application never saw with a 500.
+fn answer_500(
+    py: Python<'_>,
+    in_flight: InFlight,
+    params: &Params,
+    message: &str,
+    detail: ErrorDetail,
+) {
+    let sink = in_flight.sink();
+    let mut encoder = ResponseEncoder::new(sink.request_id());
+    error_response(&mut encoder, message, detail);
+    let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
+    in_flight.end(params, 500, ERROR_BODY_LEN);
 }
 
 /// What a pump waits for next.
@@ -757,7 +776,13 @@ impl AsgiRequest {
 
     /// A 500 when nothing went out yet, else the response cut short.
     fn error(&mut self, message: &str) {
+        crate::ops::metrics::app_exception();
         if self.done {
+            tracing::error!(
+                request_id = self.sink.request_id(),
+                "{} failed after its response was complete:\n{message}",
+                self.what
+            );
             return;
         }
         self.encoder.discard();
@@ -779,7 +804,6 @@ impl AsgiRequest {
             self.body_len = ERROR_BODY_LEN;
             self.encoder.finish(0)
         };
-        crate::ops::metrics::app_exception();
         self.end(Some(Output::End(output)));
     }
 }

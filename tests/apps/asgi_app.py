@@ -4,7 +4,6 @@ import asyncio
 import hashlib
 import json
 import os
-import sys
 import urllib.parse
 
 # Requests this process is running (the concurrency and leak tests read it through /inflight).
@@ -138,12 +137,6 @@ async def failing_startup(scope, receive, send):
         await send({"type": "lifespan.startup.failed", "message": "database unreachable"})
         return
     await _respond(send, 200, b"never\n")
-
-
-def wsgi_app(environ, start_response):
-    """A WSGI app, for WSGI_INTERFACE=asgi to be wrong about."""
-    start_response("200 OK", [("Content-Type", "text/plain")])
-    return [b"WSGI\n"]
 
 
 async def slow_app(scope, receive, send):

@@ -660,6 +660,52 @@ pub fn peak_rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// Sends request 1 with a body of `total` bytes (1 MiB pieces of [`bytes_of`]) on `writer` from
+/// a thread, as IIS streams an upload: the head, then STDIN records as fast as the gateway takes
+/// them.
+pub fn stream_upload(
+    mut writer: impl Write + std::marker::Send + 'static,
+    params: &[(String, String)],
+    total: usize,
+) -> std::thread::JoinHandle<()> {
+    let header_only = Client::<UnixStream>::encode(&Send::new(1, params));
+    // Everything but the body's end.
+    let head_len = header_only.len() - protocol::HEADER_LEN;
+    std::thread::spawn(move || {
+        writer.write_all(&header_only[..head_len]).expect("write");
+        let mut records = Vec::new();
+        for piece in upload_chunk().chunks(65535) {
+            push_record(&mut records, RecordType::Stdin, 1, piece, 0);
+        }
+        for _ in 0..total / UPLOAD_CHUNK {
+            writer.write_all(&records).expect("write body");
+        }
+        let mut end = Vec::new();
+        push_record(&mut end, RecordType::Stdin, 1, b"", 0);
+        writer.write_all(&end).expect("write end");
+    })
+}
+
+const UPLOAD_CHUNK: usize = 1024 * 1024;
+
+fn upload_chunk() -> Vec<u8> {
+    bytes_of(UPLOAD_CHUNK, 5)
+}
+
+/// The SHA-256 (hex) of the body [`stream_upload`] sends.
+pub fn upload_sha256(total: usize) -> String {
+    let chunk = upload_chunk();
+    let mut digest = Sha256::default();
+    for _ in 0..total / UPLOAD_CHUNK {
+        digest.update(&chunk);
+    }
+    digest
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Requests on a fresh connection each (without FCGI_KEEP_CONN) in a loop until `stop` (or a
 /// minute): the number answered and the number that failed, and the thread.
 pub fn keep_requesting(
