@@ -284,20 +284,50 @@ fn lifespan_unsupported_carries_on() {
 }
 
 #[test]
+fn a_watched_file_restarts_an_asgi_app_in_place() {
+    let app = AppDir::new("asgi_app.lifespan_app", &[]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let pid = gateway.child.id();
+    let mut client = gateway.connect();
+    assert_eq!(client.get(1, &app.iis_params("GET", "/")).status, 200);
+    std::fs::write(app.path().join("touched.py"), "").expect("touch");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.log().matches("lifespan startup").count() < 2 && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let log = app.log();
+    assert_eq!(log.matches("lifespan startup").count(), 2, "{log}");
+    let shutdown = log
+        .find("lifespan shutdown")
+        .expect("shutdown before the restart");
+    assert!(
+        shutdown < log.rfind("lifespan startup").unwrap_or(0),
+        "{log}"
+    );
+    let response = gateway.connect().get(1, &app.iis_params("GET", "/"));
+    assert_eq!(response.json()["state"]["started"], "yes");
+    assert_eq!(gateway.child.id(), pid, "restarted in place");
+}
+
+#[test]
 fn lifespan_shutdown_runs_after_the_requests_in_flight() {
     let app = AppDir::new("asgi_app.lifespan_app", &[]);
     let mut gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
     assert!(app
         .wait_for_log("lifespan startup")
         .contains("lifespan startup"));
+    // SIGTERM while a request is in flight: it finishes, then lifespan shutdown runs.
     let mut client = gateway.connect();
-    client.send(&Send::new(1, &app.iis_params("GET", "/")));
+    client.send(&Send::new(1, &app.iis_params("GET", "/?sleep=1")));
+    app.wait_for_log("slow request started");
+    gateway.signal(libc::SIGTERM);
     let response = client.read_response(1);
+    assert_eq!(response.status, 200);
     assert_eq!(
         response.json()["events"],
         serde_json::json!(["lifespan.startup"])
     );
-    gateway.signal(libc::SIGTERM);
     let status = gateway.wait_exit(std::time::Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     let log = app.log();
@@ -631,6 +661,15 @@ fn aborts_mid_upload_and_mid_stream_are_http_disconnect() {
         log.contains("closed the connection; response stopped"),
         "{log}"
     );
+
+    // The web server closes the connection while the app waits in receive() after the body.
+    let mut client = gateway.connect();
+    client.send(&Send::new(1, &app.iis_params("GET", "/wait")));
+    app.wait_for_log("waiting for http.disconnect");
+    drop(client);
+    let json = seen(&mut gateway.connect(), &app, 1, 4);
+    assert_eq!(json["seen"][3], "wait: http.disconnect", "{json}");
+    assert_eq!(json["in_flight"], 0);
 }
 
 #[test]
@@ -712,4 +751,43 @@ fn operations_hooks_count_asgi_requests() {
     assert!(app
         .log()
         .contains("recycling: 3 requests served (WSGI_MAX_REQUESTS=3"));
+}
+
+/// With uvloop importable (the test virtualenv has it) the loop is uvloop's, and the wake-up,
+/// streaming both ways and many requests at once work on it as on asyncio's.
+#[test]
+fn uvloop_when_it_is_importable() {
+    let venv = std::env::var("WFASTCGI_TEST_VENV").expect(
+        "WFASTCGI_TEST_VENV is not set: run the tests with scripts/test, which installs uvloop",
+    );
+    let app = AppDir::new("asgi_app.echo_app", &[("WSGI_VENV", &venv)]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let body = bytes_of(1_000_000, 4);
+    let mut params = app.iis_params("POST", "/echo");
+    set_param(&mut params, "CONTENT_LENGTH", &body.len().to_string());
+    let json = gateway
+        .connect()
+        .request(&Send::new(1, &params).body(&body))
+        .json();
+    assert_eq!(json["sha256"], sha256_hex(&body).as_str());
+    assert!(
+        app.log().contains("ASGI event loop: uvloop"),
+        "{}",
+        app.log()
+    );
+
+    let app = AppDir::new("asgi_app.slow_app", &[("WSGI_VENV", &venv)]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let mut client = gateway.connect();
+            client.send(&Send::new(1, &app.iis_params("GET", "/slow?sleep=1")));
+            client
+        })
+        .collect();
+    let peaks: Vec<u64> = clients
+        .into_iter()
+        .map(|mut client| client.read_response(1).json()["peak"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(peaks.iter().max(), Some(&20), "{peaks:?}");
 }

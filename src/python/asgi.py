@@ -52,7 +52,21 @@ async def _main(bridge, app, loop):
     bridge.started(None, wsock.fileno())
     tasks = set()
     stop = loop.create_future()
-    while not stop.done():
+    dispatcher = loop.create_task(_dispatch(bridge, app, state, rsock, tasks, stop))
+    await stop
+    # Stop comes once the worker threads are done, so every response is complete; tasks still
+    # running (work after the response) get to finish, bounded by the grace in Rust. The
+    # dispatcher goes on completing their futures meanwhile.
+    if tasks:
+        await asyncio.wait(tasks)
+    await lifespan.shutdown()
+    dispatcher.cancel()
+
+
+async def _dispatch(bridge, app, state, rsock, tasks, stop):
+    """Takes what the workers and pumps hand over: new requests, completed futures, stop."""
+    loop = asyncio.get_running_loop()
+    while True:
         await loop.sock_recv(rsock, 4096)
         for item in bridge.drain():
             if item[0] == 0:
@@ -67,11 +81,6 @@ async def _main(bridge, app, loop):
                     future.set_result(item[2])
             elif not stop.done():
                 stop.set_result(None)
-    # Shutdown comes once the worker threads are done, so every response is complete; tasks
-    # still running (work after the response) get to finish, bounded by the grace in Rust.
-    if tasks:
-        await asyncio.wait(tasks)
-    await lifespan.shutdown()
 
 
 class _Lifespan:

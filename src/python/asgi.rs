@@ -1,15 +1,17 @@
-//! The ASGI 3 bridge: one event loop per process on the `wfastcgi-asgi` thread runs every
-//! request as a task; the worker thread that took a request waits for it without the GIL and
-//! does its blocking I/O (the body, a response the connection cannot take yet, a file).
+//! The ASGI 3 bridge: one event loop per process, on the `wfastcgi-asgi` thread, runs every
+//! request as a task, and is the only thread that runs Python.
 //!
-//! The two sides meet through [`Shared`]: the loop gives a worker `Op`s through the request's
-//! channel; workers give the loop new requests and completed futures through one queue, and
-//! wake it by writing a byte to a socket the loop reads with `sock_recv` (which every loop has,
-//! Windows' Proactor included), so a worker never takes the GIL to wake the loop. The Python half
-//! (`asgi.py`) holds the loop, lifespan and the ASGI message rules.
+//! A worker hands a request to the loop without the GIL ([`dispatch`]); what the task cannot do
+//! without waiting (read the body, send a batch the connection has no room for, send a file, end
+//! the request) it asks of the request's pump as an [`Op`]: a task on the `wfastcgi-asgi-io`
+//! runtime for a request from a connection task, else the worker itself, which then waits for the
+//! request. New requests and completed futures reach the loop through one queue in [`Shared`];
+//! the loop is woken by one byte on a socket pair it reads with `sock_recv` (which every loop has,
+//! Windows' Proactor included), so nothing takes the GIL to wake it. The Python half (`asgi.py`)
+//! holds the loop, lifespan and the ASGI message rules.
 
 use std::ffi::CString;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -20,10 +22,10 @@ use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::response::error_response;
-use super::{describe, format_exception, App};
+use super::{declared_length, describe, format_exception, health_answer, refuse, App};
 use crate::config::ErrorDetail;
-use crate::exchange::{BodyEvent, BodyStream, Output, ResponseEncoder, TrySendError};
-use crate::ops::{GuardedSink, InFlight};
+use crate::exchange::{BodyEvent, BodyStream, Job, Output, ResponseEncoder, TrySendError};
+use crate::ops::GuardedSink;
 use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
 
@@ -114,6 +116,10 @@ pub struct AsgiApp {
 /// What the loop and the workers share.
 struct Shared {
     items: Mutex<Vec<Item>>,
+    /// The SCRIPT_NAME/PATH_INFO settings, for the scope.
+    routing: Routing,
+    /// The loop thread's `threading.get_ident()`, for the watchdog's stack dumps.
+    loop_thread: AtomicU64,
     /// A wake-up byte is on its way: no need for another.
     wake_pending: AtomicBool,
     waker: OnceLock<Wakeup>,
@@ -130,7 +136,8 @@ struct LoopState {
 
 /// What a worker hands the loop.
 enum Item {
-    Request(Py<PyDict>, Py<AsgiRequest>),
+    /// A new request: the loop builds its scope and starts its task.
+    Request(Arc<Params>, Box<AsgiRequest>),
     Done(Py<PyAny>, Completion),
     Stop,
 }
@@ -211,7 +218,13 @@ struct Bridge {
 impl Bridge {
     /// Lifespan startup is over: `failure` is why it failed, else the loop reads `waker`.
     #[pyo3(signature = (failure, waker=None))]
-    fn started(&self, failure: Option<String>, waker: Option<u64>) {
+    fn started(&self, py: Python<'_>, failure: Option<String>, waker: Option<u64>) {
+        let ident = py
+            .import("threading")
+            .and_then(|threading| threading.call_method0("get_ident"))
+            .and_then(|ident| ident.extract())
+            .unwrap_or(0);
+        self.shared.loop_thread.store(ident, Ordering::Relaxed);
         if let Some(handle) = waker {
             let _ = self.shared.waker.set(Wakeup::new(handle));
         }
@@ -230,7 +243,15 @@ impl Bridge {
         let list = PyList::empty(py);
         for item in items {
             let entry = match item {
-                Item::Request(scope, request) => (0, scope, request).into_pyobject(py)?,
+                Item::Request(params, request) => match scope(py, &self.shared.routing, &params) {
+                    Ok(scope) => (0, scope, Py::new(py, *request)?).into_pyobject(py)?,
+                    Err(e) => {
+                        let message = format_exception(py, &e);
+                        let mut request = *request;
+                        request.error(&format!("cannot build the ASGI scope:\n{message}"));
+                        continue;
+                    }
+                },
                 Item::Done(future, completion) => {
                     let value = match completion {
                         Completion::Chunk(data) => PyBytes::new(py, &data).into_any(),
@@ -262,9 +283,15 @@ impl Bridge {
 
 /// Starts the event loop thread and runs lifespan startup; its failure is the reason every
 /// request gets a 500.
-pub fn start(py: Python<'_>, handler: &Bound<'_, PyAny>) -> Result<AsgiApp, String> {
+pub fn start(
+    py: Python<'_>,
+    handler: &Bound<'_, PyAny>,
+    routing: Routing,
+) -> Result<AsgiApp, String> {
     let shared = Arc::new(Shared {
         items: Mutex::new(Vec::new()),
+        routing,
+        loop_thread: AtomicU64::new(0),
         wake_pending: AtomicBool::new(false),
         waker: OnceLock::new(),
         state: Mutex::new(LoopState::default()),
@@ -387,23 +414,37 @@ impl Ops {
     }
 }
 
-/// Serves one request: builds its scope and hands it to the loop. A request from a connection
-/// task is then pumped by a task on the bridge's runtime, and this thread is free for the next
-/// one; a request this thread reads from the socket itself (the IIS stream, a connection a
-/// worker accepted) is pumped by this thread, which waits for it without the GIL.
-pub(super) fn handle(
-    py: Python<'_>,
-    app: &App,
-    asgi: &AsgiApp,
-    in_flight: InFlight,
-    params: Params,
-    mut body: BodyStream,
-) {
+/// Serves one job without the GIL: answers the health path and refusals as for WSGI, then hands
+/// the request to the loop, which builds its scope and starts its task. A request from a
+/// connection task is then pumped by a task on the bridge's runtime, and this thread is free for
+/// the next job; a request this thread reads from the socket itself (the IIS stream on Unix) is
+/// pumped by this thread, which waits for it.
+pub(super) fn dispatch(app: &App, asgi: &AsgiApp, job: Job) {
+    let Job {
+        params,
+        mut body,
+        response,
+    } = job;
+    if let Some((status, text)) = health_answer(&params) {
+        return crate::exchange::respond(&response, status, text);
+    }
+    let shared = &asgi.shared;
+    let in_flight = crate::ops::begin(
+        || shared.loop_thread.load(Ordering::Relaxed),
+        || describe(&params),
+        response,
+    );
+    if let Err((status, reason)) = declared_length(app, &params) {
+        return refuse(in_flight, &params, status, reason);
+    }
     let sink = in_flight.sink();
-    if lock(&asgi.shared.state).ended {
+    if lock(&shared.state).ended {
         let message = "the ASGI event loop has stopped (see the log)";
         tracing::error!("{}: {message}", describe(&params));
-        return answer_500(py, in_flight, &params, message, app.error_detail);
+        let mut encoder = ResponseEncoder::new(sink.request_id());
+        error_response(&mut encoder, message, app.error_detail);
+        let _ = sink.send_blocking(Output::End(encoder.finish(0)));
+        return in_flight.end(&params, 500, ERROR_BODY_LEN);
     }
     let asynchronous = body.channel().is_some() && sink.channel().is_some();
     let (ops, thread_ops, task_ops) = if asynchronous {
@@ -413,6 +454,7 @@ pub(super) fn handle(
         let (sender, receiver) = crossbeam_channel::unbounded();
         (Ops::Thread(sender), Some(receiver), None)
     };
+    let params = Arc::new(params);
     let request = AsgiRequest {
         ops,
         sink: sink.clone(),
@@ -425,21 +467,9 @@ pub(super) fn handle(
         detail: app.error_detail,
         what: describe(&params),
     };
-    let prepared = scope(py, app, &params).and_then(|scope| Ok((scope, Py::new(py, request)?)));
-    let (scope, request) = match prepared {
-        Ok(prepared) => prepared,
-        Err(e) => {
-            let message = format_exception(py, &e);
-            tracing::error!(
-                "{}: cannot build the ASGI scope:\n{message}",
-                describe(&params)
-            );
-            return answer_500(py, in_flight, &params, &message, app.error_detail);
-        }
-    };
-    asgi.shared.push(Item::Request(scope.unbind(), request));
+    shared.push(Item::Request(params.clone(), Box::new(request)));
     if let Some(ops) = task_ops {
-        let shared = asgi.shared.clone();
+        let shared = shared.clone();
         asgi.runtime.spawn(async move {
             let mut tick = tokio::time::interval(WATCH_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -458,24 +488,9 @@ pub(super) fn handle(
             body,
             sink: sink.clone(),
         };
-        let (status, bytes) = py.detach(|| run_here(pump(&mut wire, &sink, &asgi.shared)));
+        let (status, bytes) = run_here(pump(&mut wire, &sink, shared));
         in_flight.end(&params, status, bytes);
     }
-}
-
-/// Answers a request the application never saw with a 500.
-fn answer_500(
-    py: Python<'_>,
-    in_flight: InFlight,
-    params: &Params,
-    message: &str,
-    detail: ErrorDetail,
-) {
-    let sink = in_flight.sink();
-    let mut encoder = ResponseEncoder::new(sink.request_id());
-    error_response(&mut encoder, message, detail);
-    let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
-    in_flight.end(params, 500, ERROR_BODY_LEN);
 }
 
 /// What a pump waits for next.
@@ -598,7 +613,8 @@ async fn pump(wire: &mut impl Wire, sink: &GuardedSink, shared: &Shared) -> (u16
         let op = match wire.next(watch.is_some()).await {
             Next::Op(op) => op,
             Next::Tick => {
-                if sink.is_aborted() {
+                // Aborted, or the connection task is gone (the web server closed it).
+                if sink.is_aborted() || sink.channel().is_some_and(|c| c.is_closed()) {
                     release(&mut watch);
                 }
                 continue;
@@ -1012,14 +1028,24 @@ fn reason(code: u16) -> &'static str {
     }
 }
 
+/// The SCRIPT_NAME/PATH_INFO settings (`routing.rs`), as the WSGI environ uses them.
+pub struct Routing {
+    pub allow_path_info_for_script_mappings: bool,
+    pub script_name: Option<String>,
+}
+
 /// The HTTP connection scope (ASGI 2.4) of a request.
-fn scope<'py>(py: Python<'py>, app: &App, params: &Params) -> PyResult<Bound<'py, PyDict>> {
+fn scope<'py>(
+    py: Python<'py>,
+    settings: &Routing,
+    params: &Params,
+) -> PyResult<Bound<'py, PyDict>> {
     let text = |name: &[u8]| params.get(name).filter(|v| !v.is_empty());
     let route = routing::route(
         params,
         &RouteSettings {
-            allow_path_info_for_script_mappings: app.allow_path_info_for_script_mappings,
-            script_name: app.script_name.as_deref(),
+            allow_path_info_for_script_mappings: settings.allow_path_info_for_script_mappings,
+            script_name: settings.script_name.as_deref(),
         },
     );
     let scope = PyDict::new(py);

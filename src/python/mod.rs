@@ -83,7 +83,12 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
         let (interface, why) = asgi::detect(py, &handler, setting.as_deref())?;
         let (handler, asgi) = match interface {
             asgi::Interface::Asgi => {
-                let app = asgi::start(py, &handler)?;
+                let routing = asgi::Routing {
+                    allow_path_info_for_script_mappings: config
+                        .allow_path_info_for_script_mappings(),
+                    script_name: config.script_name(),
+                };
+                let app = asgi::start(py, &handler, routing)?;
                 (handler, Some(app))
             }
             asgi::Interface::Wsgi => (extras::wrap_for_application_insights(py, handler), None),
@@ -163,6 +168,13 @@ fn base_environ(py: Python<'_>, deployment: Deployment) -> PyResult<Bound<'_, Py
 /// application was loaded (under IIS the app folder comes from it). `next` waits for a job (or
 /// reads one from the IIS stream) with the GIL released.
 pub fn serve_jobs(app: &App, first: Option<Job>, next: &mut (dyn FnMut() -> Option<Job> + Send)) {
+    if let Some(asgi) = &app.asgi {
+        // Python runs on the loop's thread only: this one never takes the GIL.
+        for job in first.into_iter().chain(std::iter::from_fn(next)) {
+            asgi::dispatch(app, asgi, job);
+        }
+        return;
+    }
     Python::attach(|py| {
         if let Some(job) = first {
             handle(py, app, job);
@@ -184,41 +196,24 @@ pub fn serve_jobs(app: &App, first: Option<Job>, next: &mut (dyn FnMut() -> Opti
 }
 
 pub(crate) fn handle(py: Python<'_>, app: &App, job: Job) {
+    if let Some(asgi) = &app.asgi {
+        return py.detach(|| asgi::dispatch(app, asgi, job));
+    }
     let Job {
         params,
         body,
         response,
     } = job;
-    if let Some(status) = crate::ops::health(&params) {
-        let (status, body) = match status {
-            200 => ("200 OK", "OK\n"),
-            _ => ("503 Service Unavailable", "draining\n"),
-        };
+    if let Some((status, body)) = health_answer(&params) {
         return py.detach(|| crate::exchange::respond(&response, status, body));
     }
     let in_flight = crate::ops::begin(|| thread_ident(py), || describe(&params), response);
-    let content_length = match content_length(&params) {
+    let content_length = match declared_length(app, &params) {
         Ok(length) => length,
-        Err(()) => {
-            tracing::warn!(
-                "{}: non-numeric CONTENT_LENGTH refused with 400",
-                describe(&params)
-            );
-            return refuse(py, in_flight, &params, 400, "Bad Request");
+        Err((status, reason)) => {
+            return py.detach(|| refuse(in_flight, &params, status, reason));
         }
     };
-    if let (Some(length), Some(max)) = (content_length, app.max_body) {
-        if length > max {
-            tracing::warn!(
-                "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
-                describe(&params)
-            );
-            return refuse(py, in_flight, &params, 413, "Content Too Large");
-        }
-    }
-    if let Some(asgi) = &app.asgi {
-        return asgi::handle(py, app, asgi, in_flight, params, body);
-    }
     let responder = match Bound::new(py, StartResponse::new(in_flight.sink())) {
         Ok(responder) => responder,
         Err(e) => {
@@ -301,14 +296,39 @@ fn repeated_header_separator(name: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Answers a request the application never sees.
-fn refuse(
-    py: Python<'_>,
-    in_flight: crate::ops::InFlight,
-    params: &Params,
-    status: u16,
-    reason: &str,
-) {
+/// `WSGI_HEALTH_PATH`: the status line and body the gateway answers with, without Python.
+fn health_answer(params: &Params) -> Option<(&'static str, &'static str)> {
+    crate::ops::health(params).map(|status| match status {
+        200 => ("200 OK", "OK\n"),
+        _ => ("503 Service Unavailable", "draining\n"),
+    })
+}
+
+/// The body length the request declares, or the status and reason it is refused with: a
+/// CONTENT_LENGTH that is not a number, or one over `WSGI_MAX_BODY`.
+fn declared_length(app: &App, params: &Params) -> Result<Option<u64>, (u16, &'static str)> {
+    let length = content_length(params).map_err(|()| {
+        tracing::warn!(
+            "{}: non-numeric CONTENT_LENGTH refused with 400",
+            describe(params)
+        );
+        (400, "Bad Request")
+    })?;
+    if let (Some(length), Some(max)) = (length, app.max_body) {
+        if length > max {
+            tracing::warn!(
+                "{}: body of {length} bytes refused with 413 (WSGI_MAX_BODY={max})",
+                describe(params)
+            );
+            return Err((413, "Content Too Large"));
+        }
+    }
+    Ok(length)
+}
+
+/// Answers a request the application never sees. Blocks while the web server is behind: never
+/// call it holding the GIL.
+fn refuse(in_flight: crate::ops::InFlight, params: &Params, status: u16, reason: &str) {
     let sink = in_flight.sink();
     let body = format!("{reason}\n");
     let mut encoder = ResponseEncoder::new(sink.request_id());
@@ -318,7 +338,7 @@ fn refuse(
         &[],
         body.as_bytes(),
     );
-    let _ = py.detach(|| sink.send_blocking(Output::End(encoder.finish(0))));
+    let _ = sink.send_blocking(Output::End(encoder.finish(0)));
     in_flight.end(params, status, body.len() as u64);
 }
 

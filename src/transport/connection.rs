@@ -163,6 +163,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     if read? == 0 {
                         self.session.end_of_stream()?;
                         self.peer_closed = true;
+                        // A FastCGI web server closes only when it gives up on the request: the
+                        // application may stop (an ASGI one waiting for http.disconnect learns it).
+                        if let Some(running) = &self.running {
+                            running.handles.abort();
+                        }
                         // The body can never complete; wsgi.input reports the interruption.
                         self.stop_feeding_body();
                     }

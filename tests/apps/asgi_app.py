@@ -107,12 +107,14 @@ async def stream_app(scope, receive, send):
 
 class Lifespan:
     """An object whose __call__ is a coroutine function, with lifespan state: startup sets
-    state["started"], requests report it; shutdown prints `lifespan shutdown` (to the log)."""
+    state["started"], requests report it (after `sleep` seconds, counted in flight); shutdown
+    prints `lifespan shutdown after N in flight` (to the log)."""
 
     def __init__(self):
         self.events = []
 
     async def __call__(self, scope, receive, send):
+        global IN_FLIGHT
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -125,6 +127,14 @@ class Lifespan:
                     print(f"lifespan shutdown after {IN_FLIGHT} in flight", flush=True)
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        sleep = float(_query(scope).get("sleep", 0))
+        if sleep:
+            IN_FLIGHT += 1
+            print("slow request started", flush=True)
+            try:
+                await asyncio.sleep(sleep)
+            finally:
+                IN_FLIGHT -= 1
         await _json(send, {"state": scope["state"], "events": self.events})
 
 
@@ -174,7 +184,8 @@ DISCONNECTS = []
 
 async def disconnect_app(scope, receive, send):
     """/upload reads the body until http.disconnect; /stream streams until send() raises;
-    /seen reports what each saw; /inflight the requests still running."""
+    /wait reads the body, then waits in receive(); /seen reports what each saw and the requests
+    still running."""
     global IN_FLIGHT
     if scope["type"] == "lifespan":
         return
@@ -183,6 +194,12 @@ async def disconnect_app(scope, receive, send):
         return await _json(send, {"seen": DISCONNECTS, "in_flight": IN_FLIGHT})
     IN_FLIGHT += 1
     try:
+        if path.endswith("/wait"):
+            await _read_body(receive)
+            print("waiting for http.disconnect", flush=True)
+            message = await receive()
+            DISCONNECTS.append(f"wait: {message['type']}")
+            return
         if path.endswith("/upload"):
             while True:
                 message = await receive()
