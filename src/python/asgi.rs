@@ -25,7 +25,7 @@ use super::response::error_response;
 use super::{declared_length, describe, format_exception, health_answer, refuse, App};
 use crate::config::ErrorDetail;
 use crate::exchange::{BodyEvent, BodyStream, Job, Output, ResponseEncoder, TrySendError};
-use crate::ops::GuardedSink;
+use crate::ops::{GuardedSink, InFlight};
 use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
 
@@ -400,17 +400,78 @@ enum Op {
 enum Ops {
     /// The pump is the worker thread that took the request.
     Thread(crossbeam_channel::Sender<Op>),
-    /// The pump is a task on the bridge's runtime.
-    Task(tokio::sync::mpsc::UnboundedSender<Op>),
+    /// The pump is a task on the bridge's runtime, started by the request's first `Op`.
+    Task(Box<TaskPump>),
 }
 
 impl Ops {
-    fn send(&self, op: Op) {
-        // The pump waits for the request's end, so it is there to receive.
-        let _ = match self {
-            Ops::Thread(sender) => sender.send(op).map_err(drop),
-            Ops::Task(sender) => sender.send(op).map_err(drop),
+    fn send(&mut self, op: Op) {
+        match self {
+            // The worker waits for the request's end, so it is there to receive.
+            Ops::Thread(sender) => {
+                let _ = sender.send(op);
+            }
+            Ops::Task(pump) => pump.send(op),
+        }
+    }
+}
+
+/// A request's pump task, started only when the request needs it: a response the connection
+/// takes at once, from an application that does not read the body, is ended on the loop's thread
+/// without a wake-up of the runtime's.
+struct TaskPump {
+    sender: Option<tokio::sync::mpsc::UnboundedSender<Op>>,
+    /// What the task takes when it starts.
+    idle: Option<(BodyStream, InFlight, Arc<Params>)>,
+    sink: Arc<GuardedSink>,
+    shared: Arc<Shared>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl TaskPump {
+    fn send(&mut self, op: Op) {
+        if let Op::End {
+            output: None,
+            status,
+            bytes,
+        } = op
+        {
+            if let Some((_, in_flight, params)) = self.idle.take() {
+                return in_flight.end(&params, status, bytes);
+            }
+        }
+        self.start();
+        if let Some(sender) = &self.sender {
+            let _ = sender.send(op);
+        }
+    }
+
+    fn start(&mut self) {
+        let Some((body, in_flight, params)) = self.idle.take() else {
+            return;
         };
+        let (sender, ops) = tokio::sync::mpsc::unbounded_channel();
+        self.sender = Some(sender);
+        let (sink, shared) = (self.sink.clone(), self.shared.clone());
+        self.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(WATCH_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut wire = TaskWire {
+                ops,
+                body,
+                sink: sink.clone(),
+                tick,
+            };
+            let (status, bytes) = pump(&mut wire, &sink, &shared).await;
+            in_flight.end(&params, status, bytes);
+        });
+    }
+}
+
+impl Drop for TaskPump {
+    /// A request dropped before it ended (the loop stopped): its pump cuts the response.
+    fn drop(&mut self) {
+        self.start();
     }
 }
 
@@ -447,14 +508,20 @@ pub(super) fn dispatch(app: &App, asgi: &AsgiApp, job: Job) {
         return in_flight.end(&params, 500, ERROR_BODY_LEN);
     }
     let asynchronous = body.channel().is_some() && sink.channel().is_some();
-    let (ops, thread_ops, task_ops) = if asynchronous {
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        (Ops::Task(sender), None, Some(receiver))
+    let params = Arc::new(params);
+    let (ops, thread_pump) = if asynchronous {
+        let pump = TaskPump {
+            sender: None,
+            idle: Some((body, in_flight, params.clone())),
+            sink: sink.clone(),
+            shared: shared.clone(),
+            runtime: asgi.runtime.handle().clone(),
+        };
+        (Ops::Task(Box::new(pump)), None)
     } else {
         let (sender, receiver) = crossbeam_channel::unbounded();
-        (Ops::Thread(sender), Some(receiver), None)
+        (Ops::Thread(sender), Some((receiver, body, in_flight)))
     };
-    let params = Arc::new(params);
     let request = AsgiRequest {
         ops,
         sink: sink.clone(),
@@ -468,21 +535,7 @@ pub(super) fn dispatch(app: &App, asgi: &AsgiApp, job: Job) {
         what: describe(&params),
     };
     shared.push(Item::Request(params.clone(), Box::new(request)));
-    if let Some(ops) = task_ops {
-        let shared = shared.clone();
-        asgi.runtime.spawn(async move {
-            let mut tick = tokio::time::interval(WATCH_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut wire = TaskWire {
-                ops,
-                body,
-                sink: sink.clone(),
-                tick,
-            };
-            let (status, bytes) = pump(&mut wire, &sink, &shared).await;
-            in_flight.end(&params, status, bytes);
-        });
-    } else if let Some(ops) = thread_ops {
+    if let Some((ops, body, in_flight)) = thread_pump {
         let mut wire = ThreadWire {
             ops,
             body,
@@ -764,7 +817,7 @@ struct AsgiRequest {
 }
 
 impl AsgiRequest {
-    fn post(&self, op: Op) {
+    fn post(&mut self, op: Op) {
         self.ops.send(op);
     }
 
@@ -829,11 +882,11 @@ const ERROR_BODY_LEN: u64 = "Internal Server Error\n".len() as u64;
 
 #[pymethods]
 impl AsgiRequest {
-    fn receive(&self, future: Py<PyAny>) {
+    fn receive(&mut self, future: Py<PyAny>) {
         self.post(Op::Receive(future));
     }
 
-    fn watch(&self, future: Py<PyAny>) {
+    fn watch(&mut self, future: Py<PyAny>) {
         self.post(Op::Watch(future));
     }
 
