@@ -163,7 +163,28 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         Some(Ok(config)) => Some(config),
         _ => None,
     };
-    let queue_length = config.map_or(Ok(config::DEFAULT_QUEUE_LENGTH), AppConfig::queue_length)?;
+    // Listening, the application is loaded before a connection is taken: an ASGI one runs its
+    // requests on its event loop, so the I/O thread serves every connection (python/asgi.rs).
+    let threads = config.map_or(1, |config| self::threads(config, iis_stream));
+    let preloaded = match (eager_site.as_ref(), iis_stream) {
+        (Some(site), false) => Some(load(site.config.clone(), deployment(threads, &options))),
+        _ => None,
+    };
+    let asgi = matches!(&preloaded, Some(AppState::Ready(app)) if app.is_asgi());
+    let queue_length = match config {
+        // Its requests wait on the loop, not for a thread: the queue only hands them over, and
+        // holds as many as there may be connections, unless set.
+        Some(config)
+            if asgi
+                && config
+                    .get("WSGI_QUEUE_LENGTH")
+                    .is_none_or(|v| v.trim().is_empty()) =>
+        {
+            MAX_CONNECTIONS
+        }
+        Some(config) => config.queue_length()?,
+        None => config::DEFAULT_QUEUE_LENGTH,
+    };
     let allowed_peers = config.map_or(Ok(None), AppConfig::web_server_addrs)?;
     // Under IIS, IIS owns connection lifetimes: no time-outs.
     let listening = config.filter(|_| !iis_stream);
@@ -182,18 +203,11 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         max_conns,
         max_reqs,
     };
-    // Listening, the application is loaded before a connection is taken: an ASGI one runs its
-    // requests on its event loop, so the I/O thread serves every connection (python/asgi.rs).
-    let threads = config.map_or(1, |config| self::threads(config, iis_stream));
-    let preloaded = match (eager_site.as_ref(), iis_stream) {
-        (Some(site), false) => Some(load(site.config.clone(), deployment(threads, &options))),
-        _ => None,
-    };
     // On Linux idle workers accept connections themselves (acceptor.rs), WSGI only.
     #[cfg(target_os = "linux")]
-    let (transport, jobs, acceptor) = match &preloaded {
-        Some(AppState::Ready(app)) if app.is_asgi() => (transport, jobs, None),
-        _ => crate::transport::server::share(
+    let (transport, jobs, acceptor) = match asgi {
+        true => (transport, jobs, None),
+        false => crate::transport::server::share(
             transport,
             jobs,
             allowed_peers.clone(),

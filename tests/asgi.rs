@@ -25,6 +25,27 @@ fn hello_over_the_iis_stream() {
     assert!(log.contains("coroutine function"), "{log}");
 }
 
+/// A receive() cancelled while it waits loses nothing: the next one gets its piece of the body.
+#[test]
+fn a_cancelled_receive_keeps_its_piece_of_the_body() {
+    let app = AppDir::new("asgi_app.cancelled_receive_app", &[]);
+    let body = bytes_of(300_000, 8);
+    let mut params = app.iis_params("POST", "/");
+    set_param(&mut params, "CONTENT_LENGTH", &body.len().to_string());
+    let mut gateway = Gateway::iis(&[]);
+    let json = gateway
+        .client()
+        .request(&Send::new(1, &params).body(&body))
+        .json();
+    assert_eq!(json["sha256"], sha256_hex(&body).as_str(), "IIS stream");
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let json = gateway
+        .connect()
+        .request(&Send::new(1, &params).body(&body))
+        .json();
+    assert_eq!(json["sha256"], sha256_hex(&body).as_str(), "--bind");
+}
+
 #[test]
 fn hello_and_echo_over_bind() {
     let app = AppDir::new("asgi_app.echo_app", &[]);

@@ -173,12 +173,18 @@ class _Exchange:
         self.complete = False
         self.disconnected = False
         self.watch = None
+        self.pending = None
 
     async def receive(self):
         if not self.body_done and not self.disconnected:
-            future = self.loop.create_future()
-            self.request.receive(future)
-            chunk = await future
+            # A receive() cancelled while waiting (Starlette's is_disconnected() does so at once)
+            # leaves its piece of the body for the next one.
+            future = self.pending
+            if future is None:
+                future = self.pending = self.loop.create_future()
+                self.request.receive(future)
+            chunk = await asyncio.shield(future)
+            self.pending = None
             if chunk is None:
                 self.body_done = True
                 return {"type": "http.request", "body": b"", "more_body": False}

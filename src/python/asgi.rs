@@ -1013,12 +1013,22 @@ fn encode_head(status: &Bound<'_, PyAny>, headers: &Bound<'_, PyAny>) -> PyResul
     let mut head = format!("Status: {code} {}\r\n", reason(code)).into_bytes();
     for header in headers.try_iter()? {
         let header = header?;
-        let pair: (PyBackedBytes, PyBackedBytes) = header.extract().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "http.response.start: header {header} is not a pair of bytes"
-            ))
-        })?;
-        let (name, value) = (&*pair.0, &*pair.1);
+        // A tuple or a list (the spec's `[name, value]`).
+        let pair = header
+            .try_iter()
+            .and_then(|items| {
+                items
+                    .map(|item| Ok(item?.extract::<PyBackedBytes>()?))
+                    .collect::<PyResult<Vec<_>>>()
+            })
+            .ok()
+            .filter(|pair| pair.len() == 2)
+            .ok_or_else(|| {
+                PyTypeError::new_err(format!(
+                    "http.response.start: header {header} is not a pair of bytes"
+                ))
+            })?;
+        let (name, value) = (&*pair[0], &*pair[1]);
         let valid_name = !name.is_empty()
             && name
                 .iter()

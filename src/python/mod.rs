@@ -1,4 +1,5 @@
 //! The WSGI bridge: the embedded interpreter, the application, and one request's trip through it.
+//! An ASGI application is served by `asgi.rs` instead, from the same loading and worker loop.
 //!
 //! Threads: each worker thread attaches to the interpreter once and keeps its thread state; it
 //! holds the GIL while Python runs and releases it only to wait (for the next job, for body

@@ -19,8 +19,9 @@ async def _respond(send, status, body, content_type=b"text/plain", headers=()):
     await send({
         "type": "http.response.start",
         "status": status,
-        "headers": [(b"content-type", content_type),
-                    (b"content-length", str(len(body)).encode())] + list(headers),
+        # Lists, as the spec writes them (other apps use tuples).
+        "headers": [[b"content-type", content_type],
+                    [b"content-length", str(len(body)).encode()]] + list(headers),
     })
     await send({"type": "http.response.body", "body": body})
 
@@ -72,6 +73,22 @@ async def echo_app(scope, receive, send):
     data, chunks = await _read_body(receive)
     await _json(send, {"length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                        "chunks": chunks})
+
+
+async def cancelled_receive_app(scope, receive, send):
+    """A receive() cancelled before its piece of the body arrives (as Starlette's
+    is_disconnected() does), then the body read whole: the echo must be complete."""
+    if scope["type"] == "lifespan":
+        return
+    early = asyncio.get_running_loop().create_task(receive())
+    await asyncio.sleep(0)
+    early.cancel()
+    try:
+        await early
+    except asyncio.CancelledError:
+        pass
+    data, chunks = await _read_body(receive)
+    await _json(send, {"length": len(data), "sha256": hashlib.sha256(data).hexdigest()})
 
 
 async def count_app(scope, receive, send):
