@@ -10,6 +10,8 @@
 //! Windows' Proactor included), so nothing takes the GIL to wake it. The Python half (`asgi.py`)
 //! holds the loop, lifespan and the ASGI message rules.
 
+use std::borrow::Cow;
+use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -1100,6 +1102,55 @@ pub struct Routing {
     pub script_name: Option<String>,
 }
 
+/// The request headers as ASGI pairs: every `HTTP_*` parameter, lower-cased with `-` for `_`, and
+/// the content type and length. A header named more than once is one pair, as in the WSGI
+/// environ: nginx passes `Content-Type` both as CONTENT_TYPE and HTTP_CONTENT_TYPE, and a second
+/// `HTTP_HOST` comes from its configuration (nginx joins a repeated request header itself). Host
+/// and the content fields keep the last value; the others are joined.
+fn headers<'py>(py: Python<'py>, params: &Params) -> PyResult<Bound<'py, PyList>> {
+    let mut headers: Vec<(Vec<u8>, Cow<'_, [u8]>)> = Vec::new();
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (name, value) in params.iter() {
+        let header = match name {
+            b"CONTENT_TYPE" if !value.is_empty() => b"content-type".to_vec(),
+            b"CONTENT_LENGTH" if !super::is_unknown_length(value) => b"content-length".to_vec(),
+            _ => match name.strip_prefix(b"HTTP_") {
+                Some(rest) if !rest.is_empty() => rest
+                    .iter()
+                    .map(|&b| match b {
+                        b'_' => b'-',
+                        _ => b.to_ascii_lowercase(),
+                    })
+                    .collect(),
+                _ => continue,
+            },
+        };
+        match seen.entry(header) {
+            Entry::Occupied(index) => {
+                let separator = match index.key().as_slice() {
+                    b"host" | b"content-type" | b"content-length" => None,
+                    b"cookie" => Some(&b"; "[..]),
+                    _ => Some(&b", "[..]),
+                };
+                let earlier = &mut headers[*index.get()].1;
+                *earlier = match separator {
+                    Some(separator) => Cow::Owned([earlier, separator, value].concat()),
+                    None => Cow::Borrowed(value),
+                };
+            }
+            Entry::Vacant(slot) => {
+                headers.push((slot.key().clone(), Cow::Borrowed(value)));
+                slot.insert(headers.len() - 1);
+            }
+        }
+    }
+    let list = PyList::empty(py);
+    for (name, value) in &headers {
+        list.append((PyBytes::new(py, name), PyBytes::new(py, value)))?;
+    }
+    Ok(list)
+}
+
 /// The HTTP connection scope (ASGI 2.4) of a request.
 fn scope<'py>(
     py: Python<'py>,
@@ -1149,28 +1200,7 @@ fn scope<'py>(
     let query = params.get(b"QUERY_STRING").unwrap_or_default();
     scope.set_item("query_string", PyBytes::new(py, query))?;
     scope.set_item("root_path", String::from_utf8_lossy(&route.script_name))?;
-    let headers = PyList::empty(py);
-    for (name, value) in params.iter() {
-        let header = match name {
-            b"CONTENT_TYPE" if !value.is_empty() => b"content-type".to_vec(),
-            b"CONTENT_LENGTH" if !super::is_unknown_length(value) => b"content-length".to_vec(),
-            _ => match name.strip_prefix(b"HTTP_") {
-                Some(rest) if !rest.is_empty() => rest
-                    .iter()
-                    .map(|&b| {
-                        if b == b'_' {
-                            b'-'
-                        } else {
-                            b.to_ascii_lowercase()
-                        }
-                    })
-                    .collect(),
-                _ => continue,
-            },
-        };
-        headers.append((PyBytes::new(py, &header), PyBytes::new(py, value)))?;
-    }
-    scope.set_item("headers", headers)?;
+    scope.set_item("headers", headers(py, params)?)?;
     let address = |host: &[u8], port: &[u8]| -> Option<(String, u16)> {
         let host = params.get(host).filter(|v| !v.is_empty())?;
         let port = std::str::from_utf8(params.get(port)?)
