@@ -377,8 +377,11 @@ fn finish() -> Result<()> {
         }
     };
     shutdown::serving_done();
-    python::stop_asgi(shutdown::grace());
-    python::interpreter::finalize(shutdown::grace());
+    // One grace for the whole drain: finalising Python gets what the event loop left of it.
+    let grace = shutdown::grace();
+    let deadline = std::time::Instant::now() + grace;
+    python::stop_asgi(grace);
+    python::interpreter::finalize(deadline.saturating_duration_since(std::time::Instant::now()));
     match listener {
         #[cfg(unix)]
         Some(listener) => {
