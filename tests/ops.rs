@@ -747,3 +747,51 @@ fn bind_restart_counts_survive_the_in_place_restart() {
     assert_eq!(restarts("file_change"), 1.0);
     assert_eq!(restarts("max_requests"), 2.0);
 }
+
+/// An ASGI task stuck awaiting is cancelled rather than its process replaced: its stack names
+/// the coroutine it awaits in, the client gets 504, the application sees CancelledError, and
+/// the same process serves the next request.
+#[test]
+fn iis_a_stuck_asgi_task_is_answered_504_cancelled_and_the_process_stays() {
+    let app = AppDir::new("asgi_app.stuck_app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let before = client.get(1, &app.iis_params("GET", "/")).json();
+    let response = client.get(1, &app.iis_params("GET", "/sleep"));
+    assert_eq!(response.status, 504, "{}", app.log());
+    let mut after = client.get(1, &app.iis_params("GET", "/")).json();
+    wait_until("the task sees its cancellation", || {
+        after = client.get(1, &app.iis_params("GET", "/")).json();
+        after["cancelled"] == serde_json::json!(["sleep"])
+    });
+    assert_eq!(after["pid"], before["pid"], "the same process");
+    let log = app.log();
+    assert!(log.contains("GET /sleep is stuck"), "{log}");
+    assert!(
+        log.contains("its ASGI task is cancelled and the process stays in service"),
+        "{log}"
+    );
+    // Every frame of the coroutines the task awaits, down to the application's own.
+    assert!(log.contains("in stuck_app\n"), "{log}");
+    assert!(log.contains("in sleep_for_an_hour\n"), "{log}");
+    assert!(!log.contains("without finalising Python"), "{log}");
+}
+
+/// An ASGI task that never yields blocks the event loop: the process is replaced as for WSGI.
+#[test]
+fn iis_an_asgi_task_that_blocks_the_loop_replaces_the_process() {
+    let app = AppDir::new("asgi_app.stuck_app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let response = client.get(1, &app.iis_params("GET", "/spin"));
+    assert_eq!(response.status, 504, "{}", app.log());
+    let status = gateway
+        .wait_exit(Duration::from_secs(20))
+        .expect("the process exits");
+    assert_eq!(status.code(), Some(0), "{}", app.log());
+    let log = app.log();
+    assert!(log.contains("GET /spin is stuck"), "{log}");
+    assert!(log.contains("the ASGI event loop is blocked"), "{log}");
+    assert!(log.contains("in stuck_app\n"), "{log}");
+    assert!(log.contains("without finalising Python"), "{log}");
+}
