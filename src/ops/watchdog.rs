@@ -145,6 +145,12 @@ fn inspect_requests(ops: &'static Ops) {
         }
         let elapsed = tracked.started.elapsed();
         if let Some(timeout) = ops.settings.request_timeout {
+            if tracked.cancelled.load(Ordering::Relaxed) {
+                if elapsed >= 2 * timeout {
+                    still_running(ops, &tracked, timeout);
+                }
+                continue;
+            }
             if elapsed >= timeout {
                 give_up(ops, &tracked, timeout);
                 continue;
@@ -167,7 +173,6 @@ fn inspect_requests(ops: &'static Ops) {
 /// A request past WSGI_REQUEST_TIMEOUT: its stack is logged, the client answered, and the process
 /// taken out of service.
 fn give_up(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
-    tracked.abandoned.store(true, Ordering::Relaxed);
     let key = tracked.sink.key();
     let (stack, task) = request_stack(key, tracked.thread);
     // Answered before the task is cancelled, so the client gets the 504, not the task's end.
@@ -200,9 +205,25 @@ fn give_up(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
         })
         .map_err(|e| tracing::error!("cannot cancel the ASGI task: {e}; the process is replaced"))
         .is_ok();
-    if !cancelled {
+    if cancelled {
+        tracked.cancelled.store(true, Ordering::Relaxed);
+    } else {
+        tracked.abandoned.store(true, Ordering::Relaxed);
         service::abandon(ops);
     }
+}
+
+/// A cancelled ASGI task that still runs another WSGI_REQUEST_TIMEOUT later (it caught
+/// `CancelledError`) holds its request: the process is replaced as for a stuck thread.
+fn still_running(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
+    tracked.abandoned.store(true, Ordering::Relaxed);
+    tracing::error!(
+        "{}: its ASGI task still runs {:.1} s after it was cancelled; the process is replaced; {}",
+        tracked.line,
+        timeout.as_secs_f64(),
+        request_stack(tracked.sink.key(), tracked.thread).0
+    );
+    service::abandon(ops);
 }
 
 /// Whose stack [`request_stack`] logged.

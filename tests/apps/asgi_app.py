@@ -259,8 +259,8 @@ async def sleep_for_an_hour():
 
 
 async def stuck_app(scope, receive, send):
-    """/sleep awaits for an hour (recording its cancellation), /spin never yields; anything else
-    reports the pid and the cancellations seen."""
+    """/sleep awaits for an hour (recording its cancellation), /stubborn goes on awaiting once
+    cancelled, /spin never yields; anything else reports the pid and the cancellations seen."""
     if scope["type"] == "lifespan":
         return
     path = scope["path"]
@@ -270,6 +270,11 @@ async def stuck_app(scope, receive, send):
         except asyncio.CancelledError:
             CANCELLED.append("sleep")
             raise
+    if path.endswith("/stubborn"):
+        try:
+            await sleep_for_an_hour()
+        except asyncio.CancelledError:
+            await sleep_for_an_hour()
     if path.endswith("/spin"):
         while True:
             pass
