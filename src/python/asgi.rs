@@ -671,8 +671,11 @@ async fn pump(wire: &mut impl Wire, sink: &GuardedSink, shared: &Shared) -> (u16
         let op = match wire.next(watch.is_some()).await {
             Next::Op(op) => op,
             Next::Tick => {
-                // Aborted, or the connection task is gone (the web server closed it).
-                if sink.is_aborted() || sink.channel().is_some_and(|c| c.is_closed()) {
+                // Aborted, or the connection task is gone (the web server closed it); on the
+                // IIS stream on Unix the socket is read for it.
+                let gone =
+                    || sink.look_for_abort() || sink.channel().is_some_and(|c| c.is_closed());
+                if watch.is_some() && gone() {
                     release(&mut watch);
                 }
                 continue;
@@ -887,6 +890,12 @@ const ERROR_BODY_LEN: u64 = "Internal Server Error\n".len() as u64;
 
 #[pymethods]
 impl AsgiRequest {
+    /// The request's key in the watchdog's view of the tasks ([`watched_task`]).
+    #[getter]
+    fn key(&self) -> usize {
+        self.sink.key()
+    }
+
     fn receive(&mut self, future: Py<PyAny>) {
         self.post(Op::Receive(future));
     }
@@ -1219,4 +1228,42 @@ fn scope<'py>(
     extensions.set_item("http.response.pathsend", PyDict::new(py))?;
     scope.set_item("extensions", extensions)?;
     Ok(scope)
+}
+
+/// Whether an ASGI application's event loop was started in this process.
+pub fn serving() -> bool {
+    SHARED.get().is_some()
+}
+
+/// What the watchdog finds of a request's ASGI task.
+pub enum WatchedTask {
+    /// The request is not served by an ASGI task (any more).
+    None,
+    /// The event loop did not run a callback within the wait: a task does not yield.
+    LoopBlocked,
+    /// The loop is free and the task waits: its stack, every frame, outermost first.
+    Suspended(String),
+}
+
+/// The task of the request whose sink has `key`, and whether the loop answers within `wait`
+/// (`asgi.py`, `watched_task`). Called with the GIL from a thread of the watchdog's.
+pub fn watched_task(py: Python<'_>, key: usize, wait: Duration) -> PyResult<WatchedTask> {
+    let found = py
+        .import("wfastcgi_asgi")?
+        .call_method1("watched_task", (key, wait.as_secs_f64()))?;
+    if found.is_none() {
+        return Ok(WatchedTask::None);
+    }
+    if !found.is_truthy()? {
+        return Ok(WatchedTask::LoopBlocked);
+    }
+    Ok(WatchedTask::Suspended(found.extract()?))
+}
+
+/// Cancels the task of the request whose sink has `key`, if it still runs; the loop raises
+/// `CancelledError` in it. Called with the GIL.
+pub fn cancel_task(py: Python<'_>, key: usize) -> PyResult<()> {
+    py.import("wfastcgi_asgi")?
+        .call_method1("cancel_task", (key,))?;
+    Ok(())
 }
