@@ -737,6 +737,35 @@ fn iis_an_abort_while_waiting_in_receive_after_the_body_is_http_disconnect() {
     assert_eq!(json["in_flight"], 0, "nothing left running");
 }
 
+/// A web server that has read all it was sent and closes (nginx buffering the response): the
+/// connection sees the end of its stream, no failed write, and drops the rest of the response;
+/// send() must raise all the same, as ASGI 2.4 apps (Starlette's StreamingResponse) stop on it.
+#[test]
+fn a_web_server_closing_cleanly_mid_stream_fails_send() {
+    let app = AppDir::new("asgi_app.disconnect_app", &[]);
+    let socket = app.path().join("closing.sock");
+    let gateway = Gateway::bind(Address::Unix(socket.clone()), app.path(), &[]);
+    let stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let mut client = Client::new(stream.try_clone().expect("clone"));
+    client.send(&Send::new(1, &app.iis_params("GET", "/stream")));
+    for _ in 0..4 {
+        client.read_record().expect("some of the body");
+    }
+    // Half-closed and still reading, so no write of the gateway's fails.
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shut down the sending side");
+    let reader = std::thread::spawn(move || while client.read_record().is_some() {});
+    let json = seen(&mut gateway.connect(), &app, 1, 2);
+    assert_eq!(
+        json["seen"],
+        serde_json::json!(["stream: ClientDisconnected", "stream: http.disconnect"]),
+        "{json}"
+    );
+    assert_eq!(json["in_flight"], 0, "nothing left running");
+    reader.join().expect("the gateway closed the connection");
+}
+
 #[test]
 fn pathsend_is_served_from_the_file() {
     let app = AppDir::new("asgi_app.pathsend_app", &[]);

@@ -193,6 +193,32 @@ fn aborts_mid_upload_and_mid_download() {
     assert_eq!(client.get(1, &app.iis_params("GET", "/count")).text(), "1");
 }
 
+/// The web server closes cleanly mid-download, having read all it was sent (nginx buffering the
+/// response): the connection sees the end of its stream, no failed write, and the generator is
+/// closed all the same.
+#[test]
+fn a_web_server_closing_cleanly_mid_download_closes_the_generator() {
+    let app = AppDir::new("stream.tracked_stream", &[]);
+    let socket = app.path().join("closing.sock");
+    let gateway = Gateway::bind(Address::Unix(socket.clone()), app.path(), &[]);
+    let stream = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let mut client = Client::new(stream.try_clone().expect("clone"));
+    client.send(&Send::new(1, &app.iis_params("GET", "/")));
+    for _ in 0..4 {
+        client.read_record().expect("some of the body");
+    }
+    // Half-closed and still reading, so no write of the gateway's fails.
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shut down the sending side");
+    let reader = std::thread::spawn(move || while client.read_record().is_some() {});
+    let log = app.wait_for_log("closed the connection");
+    assert!(log.contains("response stopped"), "{log}");
+    reader.join().expect("the gateway closed the connection");
+    let mut client = gateway.connect();
+    assert_eq!(client.get(1, &app.iis_params("GET", "/count")).text(), "1");
+}
+
 /// PEP 3333: no block may be delayed. The chunk that completes a declared Content-Length
 /// reaches the web server while the generator is still running, not with END_REQUEST after it
 /// ends: the client sees the whole body, then releases the generator, and only then gets

@@ -921,6 +921,12 @@ impl AsgiRequest {
         more: bool,
         future: Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // The connection drops an aborted request's batches (it takes them still), so the
+        // application learns here that the web server is gone: ASGI 2.4 apps such as Starlette's
+        // StreamingResponse stop on a failed send() rather than listen for http.disconnect.
+        if self.sink.is_aborted() {
+            return Ok(false.into_pyobject(py)?.to_owned().into_any());
+        }
         let data: PyBackedBytes = data.extract().map_err(|_| {
             PyTypeError::new_err("http.response.body: body must be bytes or bytearray")
         })?;
