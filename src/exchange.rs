@@ -56,6 +56,11 @@ pub trait OutputTarget: Send + Sync {
     fn send_blocking(&self, output: Output) -> Result<(), ResponseGone>;
     /// FCGI_ABORT_REQUEST arrived: the application should stop at its next chunk.
     fn is_aborted(&self) -> bool;
+    /// As `is_aborted`, after reading what the web server sent meanwhile when nothing else
+    /// reads the connection while the application waits (the IIS stream on Unix).
+    fn look_for_abort(&self) -> bool {
+        self.is_aborted()
+    }
     /// The connection task's channel, whose room a consumer can await (the ASGI bridge).
     fn channel(&self) -> Option<&mpsc::Sender<Output>> {
         None
@@ -147,6 +152,11 @@ impl ResponseSink {
     /// FCGI_ABORT_REQUEST arrived: the application should stop at its next chunk.
     pub fn is_aborted(&self) -> bool {
         self.target.is_aborted()
+    }
+
+    /// See [`OutputTarget::look_for_abort`].
+    pub fn look_for_abort(&self) -> bool {
+        self.target.look_for_abort()
     }
 
     /// Queues a batch without blocking; gives it back when that would block, so the caller can

@@ -377,8 +377,14 @@ fn finish() -> Result<()> {
         }
     };
     shutdown::serving_done();
-    python::stop_asgi(shutdown::grace());
-    python::interpreter::finalize(shutdown::grace());
+    // One grace for the whole drain: finalising Python gets what the event loop left of it.
+    let grace = shutdown::grace();
+    let deadline = std::time::Instant::now() + grace;
+    python::stop_asgi(grace);
+    // Rounded up to whole milliseconds for its log lines: an unused 1 s grace reads "1s".
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let left = u64::try_from(left.as_micros().div_ceil(1000)).unwrap_or(u64::MAX);
+    python::interpreter::finalize(std::time::Duration::from_millis(left));
     match listener {
         #[cfg(unix)]
         Some(listener) => {

@@ -211,8 +211,8 @@ fn the_scope_follows_asgi_2_4_and_the_wsgi_routing_rules() {
     assert_eq!(scope["server"], serde_json::json!(["10.0.0.1", 8080]));
     assert_eq!(
         scope["headers"],
-        serde_json::json!([["accept", "a"], ["accept", "b"]]),
-        "each header line kept; empty content-type and content-length left out"
+        serde_json::json!([["accept", "a, b"]]),
+        "a header sent twice joined as in the WSGI environ; empty content-type and content-length left out"
     );
 }
 
@@ -364,6 +364,28 @@ fn lifespan_shutdown_runs_after_the_requests_in_flight() {
     let status = gateway.wait_exit(std::time::Duration::from_secs(20));
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
     assert!(app.log().contains("lifespan shutdown after 0 in flight"));
+}
+
+/// Stopping is bounded by one WSGI_RESTART_GRACE, not one for the event loop and another for
+/// Python: a lifespan shutdown that never completes uses up the grace, so the application's
+/// thread that never ends is not waited for at all (waits here are never shorter than asked).
+#[test]
+fn one_grace_bounds_the_loop_and_finalising_together() {
+    let (app, mut gateway, response) =
+        answer("asgi_app.never_drains", &[("WSGI_RESTART_GRACE", "1")]);
+    assert_eq!(response.status, 200);
+    gateway.close_stream();
+    let status = gateway.wait_exit(std::time::Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let log = app.log();
+    assert!(
+        log.contains("did not finish within the grace period (1s)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("threads still running after 0ns: never-ends"),
+        "{log}"
+    );
 }
 
 /// A 500 with the detail on FCGI_STDERR and in the log, and a process that still answers the
@@ -691,6 +713,28 @@ fn aborts_mid_upload_and_mid_stream_are_http_disconnect() {
     let json = seen(&mut gateway.connect(), &app, 1, 4);
     assert_eq!(json["seen"][3], "wait: http.disconnect", "{json}");
     assert_eq!(json["in_flight"], 0);
+}
+
+/// On the IIS stream (read by the request's own thread on Unix), FCGI_ABORT_REQUEST while the
+/// application waits in receive() after the body is http.disconnect at once, not at its next
+/// send(), and the request is ended.
+#[test]
+fn iis_an_abort_while_waiting_in_receive_after_the_body_is_http_disconnect() {
+    use bytes::BytesMut;
+    use wfastcgi::protocol;
+    let app = AppDir::new("asgi_app.disconnect_app", &[]);
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    client.send(&Send::new(1, &app.iis_params("GET", "/wait")));
+    app.wait_for_log("waiting for http.disconnect");
+    let mut abort = BytesMut::new();
+    protocol::encode_abort_request(&mut abort, 1);
+    client.write_raw(&abort);
+    let response = client.read_response(1);
+    assert_eq!(response.protocol_status, 0);
+    let json = seen(&mut client, &app, 2, 1);
+    assert_eq!(json["seen"], serde_json::json!(["wait: http.disconnect"]));
+    assert_eq!(json["in_flight"], 0, "nothing left running");
 }
 
 #[test]

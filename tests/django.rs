@@ -140,6 +140,12 @@ fn pages_forms_uploads_json_streams_and_errors() {
     let text = streamed.text();
     assert_eq!(text.lines().count(), 100);
     assert!(text.ends_with("line 100\n"));
+    // The async views of the ASGI example work under WSGI too (Django runs them in a loop of
+    // its own per request; it consumes the async stream whole).
+    let info = client.get(11, &params("GET", "/async/info/?a=1")).json();
+    assert_eq!(info["query"]["a"], serde_json::json!(["1"]));
+    let streamed = client.get(12, &params("GET", "/async/stream/"));
+    assert_eq!(streamed.text(), text);
 
     let missing = client.get(9, &params("GET", "/no/such/page/"));
     assert_eq!(missing.status, 404);

@@ -28,18 +28,24 @@ fn two_workers(app: &AppDir, args: &[&str]) -> Gateway {
     gateway
 }
 
-#[test]
-fn iis_a_stuck_request_is_logged_answered_504_and_the_process_exits_0() {
-    let app = AppDir::new("ops.app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
+/// Under IIS with WSGI_REQUEST_TIMEOUT=1, `path` of `handler` is answered 504 and the process
+/// exits 0; its log.
+fn iis_answered_504_then_exit_0(handler: &str, path: &str) -> String {
+    let app = AppDir::new(handler, &[("WSGI_REQUEST_TIMEOUT", "1")]);
     let mut gateway = Gateway::iis(&[]);
     let mut client = gateway.client();
-    let response = client.get(1, &app.iis_params("GET", "/spin?stuck"));
-    assert_eq!(response.status, 504, "{}", response.text());
+    let response = client.get(1, &app.iis_params("GET", path));
+    assert_eq!(response.status, 504, "{}", app.log());
     let status = gateway
         .wait_exit(Duration::from_secs(20))
         .expect("the process exits");
     assert_eq!(status.code(), Some(0), "{}", app.log());
-    let log = app.log();
+    app.log()
+}
+
+#[test]
+fn iis_a_stuck_request_is_logged_answered_504_and_the_process_exits_0() {
+    let log = iis_answered_504_then_exit_0("ops.app", "/spin?stuck");
     assert!(log.contains("GET /spin?stuck is stuck"), "{log}");
     assert!(log.contains("WSGI_REQUEST_TIMEOUT=1"), "{log}");
     assert!(log.contains("answered 504 Gateway Timeout"), "{log}");
@@ -746,4 +752,62 @@ fn bind_restart_counts_survive_the_in_place_restart() {
     });
     assert_eq!(restarts("file_change"), 1.0);
     assert_eq!(restarts("max_requests"), 2.0);
+}
+
+/// An ASGI task stuck awaiting is cancelled rather than its process replaced: its stack names
+/// the coroutine it awaits in, the client gets 504, the application sees CancelledError, and
+/// the same process serves the next request.
+#[test]
+fn iis_a_stuck_asgi_task_is_answered_504_cancelled_and_the_process_stays() {
+    let app = AppDir::new(
+        "asgi_app.stuck_app",
+        &[
+            ("WSGI_REQUEST_TIMEOUT", "1"),
+            ("WSGI_SLOW_REQUEST_LOG", "0.3"),
+        ],
+    );
+    let mut gateway = Gateway::iis(&[]);
+    let mut client = gateway.client();
+    let before = client.get(1, &app.iis_params("GET", "/")).json();
+    let response = client.get(1, &app.iis_params("GET", "/sleep"));
+    assert_eq!(response.status, 504, "{}", app.log());
+    let mut after = client.get(1, &app.iis_params("GET", "/")).json();
+    wait_until("the task sees its cancellation", || {
+        after = client.get(1, &app.iis_params("GET", "/")).json();
+        after["cancelled"] == serde_json::json!(["sleep"])
+    });
+    assert_eq!(after["pid"], before["pid"], "the same process");
+    let log = app.log();
+    assert!(log.contains("GET /sleep is stuck"), "{log}");
+    assert!(log.contains("GET /sleep is slow"), "{log}");
+    // The slow line and the stuck line each have the task's stack.
+    assert_eq!(log.matches("its ASGI task's stack").count(), 2, "{log}");
+    assert!(
+        log.contains("its ASGI task is cancelled and the process stays in service"),
+        "{log}"
+    );
+    // Every frame of the coroutines the task awaits, down to the application's own.
+    assert!(log.contains("in stuck_app\n"), "{log}");
+    assert!(log.contains("in sleep_for_an_hour\n"), "{log}");
+    assert!(!log.contains("without finalising Python"), "{log}");
+}
+
+/// An ASGI task that never yields blocks the event loop: the process is replaced as for WSGI.
+#[test]
+fn iis_an_asgi_task_that_blocks_the_loop_replaces_the_process() {
+    let log = iis_answered_504_then_exit_0("asgi_app.stuck_app", "/spin");
+    assert!(log.contains("GET /spin is stuck"), "{log}");
+    assert!(log.contains("the ASGI event loop is blocked"), "{log}");
+    assert!(log.contains("in stuck_app\n"), "{log}");
+    assert!(log.contains("without finalising Python"), "{log}");
+}
+
+/// A cancelled ASGI task that catches CancelledError and goes on holds its request: another
+/// WSGI_REQUEST_TIMEOUT later the process is replaced.
+#[test]
+fn iis_an_asgi_task_that_survives_its_cancellation_replaces_the_process() {
+    let log = iis_answered_504_then_exit_0("asgi_app.stuck_app", "/stubborn");
+    assert!(log.contains("its ASGI task is cancelled"), "{log}");
+    assert!(log.contains("GET /stubborn: its ASGI task still runs 1.0 s after it was cancelled; the process is replaced"), "{log}");
+    assert!(log.contains("without finalising Python"), "{log}");
 }

@@ -363,6 +363,8 @@ struct Tracked {
     slow_logged: std::sync::atomic::AtomicBool,
     /// Answered by the watchdog; its thread is given up on.
     abandoned: std::sync::atomic::AtomicBool,
+    /// Its ASGI task was cancelled past WSGI_REQUEST_TIMEOUT, and it is still answered.
+    cancelled: std::sync::atomic::AtomicBool,
     /// Counted in the metrics and the access log, by whichever of its thread and the watchdog
     /// ended it first.
     accounted: std::sync::atomic::AtomicBool,
@@ -404,6 +406,7 @@ pub fn begin(
                 sink: sink.clone(),
                 slow_logged: Default::default(),
                 abandoned: Default::default(),
+                cancelled: Default::default(),
                 accounted: Default::default(),
                 params: ops.access.as_ref().map(|_| params.clone()),
                 bytes_in,

@@ -2,7 +2,7 @@
 //! which answers a stuck request in its place. A lock keeps their records from interleaving.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, TryLockError};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use crate::exchange::{self, Output, ResponseEncoder, ResponseGone, ResponseSink, TrySendError};
@@ -57,6 +57,18 @@ impl GuardedSink {
     /// The web server aborted the request, or the watchdog answered it.
     pub fn is_aborted(&self) -> bool {
         self.taken_over.load(Ordering::Acquire) || self.sink.is_aborted()
+    }
+
+    /// Names the request while its sink lives: the ASGI bridge keys its task by it, for the
+    /// watchdog.
+    pub fn key(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as usize
+    }
+
+    /// As [`GuardedSink::is_aborted`], reading the connection if the request's thread owns it
+    /// ([`ResponseSink::look_for_abort`]).
+    pub fn look_for_abort(&self) -> bool {
+        self.taken_over.load(Ordering::Acquire) || self.sink.look_for_abort()
     }
 
     /// As [`ResponseSink::try_send`].

@@ -4,7 +4,10 @@
 //! thread's stack on SIGUSR1.
 //!
 //! A thread stuck in Python cannot be stopped safely, so a stuck request is answered here (504,
-//! or the response ended) and the process replaced. Stacks are read by briefly attaching to the
+//! or the response ended) and the process replaced. An ASGI request's task can be: when the
+//! event loop still runs callbacks, the task's stack is logged, the client answered and the task
+//! cancelled, and the process stays in service; a task that never yields blocks the loop, and
+//! that process is replaced as for WSGI. Stacks are read by briefly attaching to the
 //! interpreter from a helper thread: a pure-Python loop gives the GIL up every switch interval,
 //! but code stuck in C while holding it never does, so the helper is waited for only so long.
 
@@ -22,6 +25,8 @@ use super::{answered_by_watchdog, lock, service, Ops, Tracked};
 const TICK: Duration = Duration::from_millis(100);
 /// How long a stack dump waits for the GIL.
 const GIL_WAIT: Duration = Duration::from_secs(2);
+/// How long the ASGI event loop has to run a callback before it counts as blocked.
+const LOOP_WAIT: Duration = Duration::from_secs(1);
 
 pub fn spawn(ops: &'static Ops) {
     #[cfg(unix)]
@@ -140,6 +145,12 @@ fn inspect_requests(ops: &'static Ops) {
         }
         let elapsed = tracked.started.elapsed();
         if let Some(timeout) = ops.settings.request_timeout {
+            if tracked.cancelled.load(Ordering::Relaxed) {
+                if elapsed >= 2 * timeout {
+                    still_running(ops, &tracked, timeout);
+                }
+                continue;
+            }
             if elapsed >= timeout {
                 give_up(ops, &tracked, timeout);
                 continue;
@@ -152,7 +163,7 @@ fn inspect_requests(ops: &'static Ops) {
                     tracked.line,
                     elapsed.as_secs_f64(),
                     slow.as_secs_f64(),
-                    stack_of(tracked.thread)
+                    request_stack(tracked.sink.key(), tracked.thread).0
                 );
             }
         }
@@ -162,8 +173,9 @@ fn inspect_requests(ops: &'static Ops) {
 /// A request past WSGI_REQUEST_TIMEOUT: its stack is logged, the client answered, and the process
 /// taken out of service.
 fn give_up(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
-    tracked.abandoned.store(true, Ordering::Relaxed);
-    let stack = stack_of(tracked.thread);
+    let key = tracked.sink.key();
+    let (stack, task) = request_stack(key, tracked.thread);
+    // Answered before the task is cancelled, so the client gets the 504, not the task's end.
     let outcome = tracked.sink.take_over();
     if outcome == TakeOver::Answered {
         answered_by_watchdog(ops, tracked, 504, TIMEOUT_BODY.len() as u64);
@@ -174,13 +186,77 @@ fn give_up(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
         TakeOver::AlreadyEnded => "its response was complete",
         TakeOver::Busy => "its thread is blocked writing the response, which stays unanswered",
     };
+    let fate = match task {
+        Task::Suspended => "its ASGI task is cancelled and the process stays in service",
+        Task::Blocked => {
+            "the ASGI event loop is blocked (a task does not yield): the process is replaced"
+        }
+        Task::Thread => "the process is replaced",
+    };
     tracing::error!(
-        "{} is stuck: running for {:.1} s, past WSGI_REQUEST_TIMEOUT={}; {answer}; {stack}",
+        "{} is stuck: running for {:.1} s, past WSGI_REQUEST_TIMEOUT={}; {answer}; {fate}; {stack}",
         tracked.line,
         tracked.started.elapsed().as_secs_f64(),
         timeout.as_secs_f64(),
     );
+    let cancelled = matches!(task, Task::Suspended)
+        && with_python(Duration::ZERO, move |py| {
+            crate::python::cancel_task(py, key).map_err(|e| crate::python::format_exception(py, &e))
+        })
+        .map_err(|e| tracing::error!("cannot cancel the ASGI task: {e}; the process is replaced"))
+        .is_ok();
+    if cancelled {
+        tracked.cancelled.store(true, Ordering::Relaxed);
+    } else {
+        tracked.abandoned.store(true, Ordering::Relaxed);
+        service::abandon(ops);
+    }
+}
+
+/// A cancelled ASGI task that still runs another WSGI_REQUEST_TIMEOUT later (it caught
+/// `CancelledError`) holds its request: the process is replaced as for a stuck thread.
+fn still_running(ops: &'static Ops, tracked: &Tracked, timeout: Duration) {
+    tracked.abandoned.store(true, Ordering::Relaxed);
+    tracing::error!(
+        "{}: its ASGI task still runs {:.1} s after it was cancelled; the process is replaced; {}",
+        tracked.line,
+        timeout.as_secs_f64(),
+        request_stack(tracked.sink.key(), tracked.thread).0
+    );
     service::abandon(ops);
+}
+
+/// Whose stack [`request_stack`] logged.
+#[derive(Clone, Copy)]
+enum Task {
+    /// The request's thread's: a WSGI request (or an ASGI one whose task has ended).
+    Thread,
+    /// The ASGI loop's thread's: the loop did not answer within [`LOOP_WAIT`].
+    Blocked,
+    /// The ASGI request's task's, waiting on a free loop.
+    Suspended,
+}
+
+/// The stack to log for a request: its ASGI task's (the request's sink has `key`) while the
+/// event loop is free, else its thread's (the loop's, for a task that blocks it).
+fn request_stack(key: usize, thread: u64) -> (String, Task) {
+    use crate::python::WatchedTask;
+    if !crate::python::serves_asgi() {
+        return (stack_of(thread), Task::Thread);
+    }
+    let task = with_python(LOOP_WAIT, move |py| {
+        crate::python::watched_task(py, key, LOOP_WAIT)
+            .map_err(|e| crate::python::format_exception(py, &e))
+    });
+    match task {
+        Ok(WatchedTask::Suspended(stack)) => (
+            format!("its ASGI task's stack (most recent call last):\n{stack}"),
+            Task::Suspended,
+        ),
+        Ok(WatchedTask::LoopBlocked) => (stack_of(thread), Task::Blocked),
+        Ok(WatchedTask::None) => (stack_of(thread), Task::Thread),
+        Err(e) => (format!("{e}; {}", stack_of(thread)), Task::Thread),
+    }
 }
 
 fn check_memory(ops: &'static Ops) {
@@ -229,6 +305,20 @@ fn stack_of(thread: u64) -> String {
 /// The Python stack of `thread` (every thread when `None`), every frame, most recent call last,
 /// as `traceback` prints it. Taken from a helper thread, waited for at most [`GIL_WAIT`].
 pub fn python_stacks(thread: Option<u64>) -> Result<String, String> {
+    with_python(Duration::ZERO, move |py| {
+        format_stacks(py, thread).map_err(|e| {
+            let error = crate::python::format_exception(py, &e);
+            format!("cannot read the Python stacks:\n{error}")
+        })
+    })
+}
+
+/// Runs `work` with the GIL on a helper thread, waited for at most [`GIL_WAIT`] to get the GIL
+/// and `more` for what `work` waits for itself.
+fn with_python<T: Send + 'static>(
+    more: Duration,
+    work: impl FnOnce(Python<'_>) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
     if !crate::python::interpreter::running() {
         return Err("Python is not running".into());
     }
@@ -236,18 +326,13 @@ pub fn python_stacks(thread: Option<u64>) -> Result<String, String> {
     let spawned = std::thread::Builder::new()
         .name("wfastcgi-stacks".into())
         .spawn(move || {
-            let stacks = Python::attach(|py| {
-                format_stacks(py, thread).map_err(|e| crate::python::format_exception(py, &e))
-            });
-            let _ = sender.send(stacks);
+            let _ = sender.send(Python::attach(work));
         });
     if let Err(e) = spawned {
-        return Err(format!(
-            "cannot start a thread to read the Python stacks: {e}"
-        ));
+        return Err(format!("cannot start a thread to attach to Python: {e}"));
     }
-    match receiver.recv_timeout(GIL_WAIT) {
-        Ok(stacks) => stacks.map_err(|e| format!("cannot read the Python stacks:\n{e}")),
+    match receiver.recv_timeout(GIL_WAIT + more) {
+        Ok(done) => done,
         Err(_) => Err(format!(
             "no Python stack: the GIL was not released within {GIL_WAIT:?} (a thread is stuck in C code that holds it)"
         )),

@@ -5,10 +5,13 @@ receive()/send() callables of each request. Rust owns every socket; this runs on
 import asyncio
 import socket
 import sys
+import threading
 import traceback
 
 # The wake-up socket pair lives as long as the process: Rust writes to it by descriptor.
 _keep = []
+# Each running request's task by its request's key, for the watchdog (`watched_task`).
+_tasks = {}
 
 
 class ClientDisconnected(OSError):
@@ -170,6 +173,8 @@ class _Lifespan:
 
 async def _serve(app, scope, request, loop):
     exchange = _Exchange(request, loop)
+    key = request.key
+    _tasks[key] = asyncio.current_task()
     try:
         await app(scope, exchange.receive, exchange.send)
     except BaseException as e:
@@ -180,6 +185,32 @@ async def _serve(app, scope, request, loop):
             request.fail(traceback.format_exc())
     else:
         request.returned()
+    finally:
+        del _tasks[key]
+
+
+def watched_task(key, wait):
+    """For the watchdog, on its own thread: `None` when the request has no task, `False` when the
+    loop did not run a callback within `wait` seconds (a task that never yields blocks it),
+    else the stack of the task, suspended, every frame of the coroutines it awaits, outermost
+    first."""
+    task = _tasks.get(key)
+    if task is None:
+        return None
+    loop = task.get_loop()
+    answered = threading.Event()
+    loop.call_soon_threadsafe(answered.set)
+    if not answered.wait(wait):
+        return False
+    frames = []
+    awaited = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append((frame, frame.f_lineno))
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return "".join(traceback.format_list(traceback.StackSummary.extract(frames)))
 
 
 class _Exchange:
@@ -268,3 +299,10 @@ class _Exchange:
                 raise OSError(pending)
         self.disconnected = True
         raise ClientDisconnected("the client went away")
+
+
+def cancel_task(key):
+    """For the watchdog: cancels the request's task, if it still runs."""
+    task = _tasks.get(key)
+    if task is not None:
+        task.get_loop().call_soon_threadsafe(task.cancel)

@@ -10,6 +10,8 @@
 //! Windows' Proactor loop, which has no `add_reader`), so nothing takes the GIL to wake it. The Python half (`asgi.py`)
 //! holds the loop, lifespan and the ASGI message rules.
 
+use std::borrow::Cow;
+use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -670,8 +672,11 @@ async fn pump(wire: &mut impl Wire, sink: &GuardedSink, shared: &Shared) -> (u16
         let op = match wire.next(watch.is_some()).await {
             Next::Op(op) => op,
             Next::Tick => {
-                // Aborted, or the connection task is gone (the web server closed it).
-                if sink.is_aborted() || sink.channel().is_some_and(|c| c.is_closed()) {
+                // Aborted, or the connection task is gone (the web server closed it); on the
+                // IIS stream on Unix the socket is read for it.
+                let gone =
+                    || sink.look_for_abort() || sink.channel().is_some_and(|c| c.is_closed());
+                if watch.is_some() && gone() {
                     release(&mut watch);
                 }
                 continue;
@@ -886,6 +891,12 @@ const ERROR_BODY_LEN: u64 = "Internal Server Error\n".len() as u64;
 
 #[pymethods]
 impl AsgiRequest {
+    /// The request's key in the watchdog's view of the tasks ([`watched_task`]).
+    #[getter]
+    fn key(&self) -> usize {
+        self.sink.key()
+    }
+
     fn receive(&mut self, future: Py<PyAny>) {
         self.post(Op::Receive(future));
     }
@@ -1103,6 +1114,55 @@ pub struct Routing {
     pub script_name: Option<String>,
 }
 
+/// The request headers as ASGI pairs: every `HTTP_*` parameter, lower-cased with `-` for `_`, and
+/// the content type and length. A header named more than once is one pair, as in the WSGI
+/// environ: nginx passes `Content-Type` both as CONTENT_TYPE and HTTP_CONTENT_TYPE, and a second
+/// `HTTP_HOST` comes from its configuration (nginx joins a repeated request header itself). Host
+/// and the content fields keep the last value; the others are joined.
+fn headers<'py>(py: Python<'py>, params: &Params) -> PyResult<Bound<'py, PyList>> {
+    let mut headers: Vec<(Vec<u8>, Cow<'_, [u8]>)> = Vec::new();
+    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (name, value) in params.iter() {
+        let header = match name {
+            b"CONTENT_TYPE" if !value.is_empty() => b"content-type".to_vec(),
+            b"CONTENT_LENGTH" if !super::is_unknown_length(value) => b"content-length".to_vec(),
+            _ => match name.strip_prefix(b"HTTP_") {
+                Some(rest) if !rest.is_empty() => rest
+                    .iter()
+                    .map(|&b| match b {
+                        b'_' => b'-',
+                        _ => b.to_ascii_lowercase(),
+                    })
+                    .collect(),
+                _ => continue,
+            },
+        };
+        match seen.entry(header) {
+            Entry::Occupied(index) => {
+                let separator = match index.key().as_slice() {
+                    b"host" | b"content-type" | b"content-length" => None,
+                    b"cookie" => Some(&b"; "[..]),
+                    _ => Some(&b", "[..]),
+                };
+                let earlier = &mut headers[*index.get()].1;
+                *earlier = match separator {
+                    Some(separator) => Cow::Owned([earlier, separator, value].concat()),
+                    None => Cow::Borrowed(value),
+                };
+            }
+            Entry::Vacant(slot) => {
+                headers.push((slot.key().clone(), Cow::Borrowed(value)));
+                slot.insert(headers.len() - 1);
+            }
+        }
+    }
+    let list = PyList::empty(py);
+    for (name, value) in &headers {
+        list.append((PyBytes::new(py, name), PyBytes::new(py, value)))?;
+    }
+    Ok(list)
+}
+
 /// The HTTP connection scope (ASGI 2.4) of a request.
 fn scope<'py>(
     py: Python<'py>,
@@ -1164,28 +1224,7 @@ fn scope<'py>(
         intern!(py, "root_path"),
         String::from_utf8_lossy(&route.script_name),
     )?;
-    let headers = PyList::empty(py);
-    for (name, value) in params.iter() {
-        let header = match name {
-            b"CONTENT_TYPE" if !value.is_empty() => b"content-type".to_vec(),
-            b"CONTENT_LENGTH" if !super::is_unknown_length(value) => b"content-length".to_vec(),
-            _ => match name.strip_prefix(b"HTTP_") {
-                Some(rest) if !rest.is_empty() => rest
-                    .iter()
-                    .map(|&b| {
-                        if b == b'_' {
-                            b'-'
-                        } else {
-                            b.to_ascii_lowercase()
-                        }
-                    })
-                    .collect(),
-                _ => continue,
-            },
-        };
-        headers.append((PyBytes::new(py, &header), PyBytes::new(py, value)))?;
-    }
-    scope.set_item(intern!(py, "headers"), headers)?;
+    scope.set_item(intern!(py, "headers"), headers(py, params)?)?;
     let address = |host: &[u8], port: &[u8]| -> Option<(String, u16)> {
         let host = params.get(host).filter(|v| !v.is_empty())?;
         let port = std::str::from_utf8(params.get(port)?)
@@ -1207,4 +1246,42 @@ fn scope<'py>(
     extensions.set_item(intern!(py, "http.response.pathsend"), PyDict::new(py))?;
     scope.set_item(intern!(py, "extensions"), extensions)?;
     Ok(scope)
+}
+
+/// Whether an ASGI application's event loop was started in this process.
+pub fn serving() -> bool {
+    SHARED.get().is_some()
+}
+
+/// What the watchdog finds of a request's ASGI task.
+pub enum WatchedTask {
+    /// The request is not served by an ASGI task (any more).
+    None,
+    /// The event loop did not run a callback within the wait: a task does not yield.
+    LoopBlocked,
+    /// The loop is free and the task waits: its stack, every frame, outermost first.
+    Suspended(String),
+}
+
+/// The task of the request whose sink has `key`, and whether the loop answers within `wait`
+/// (`asgi.py`, `watched_task`). Called with the GIL from a thread of the watchdog's.
+pub fn watched_task(py: Python<'_>, key: usize, wait: Duration) -> PyResult<WatchedTask> {
+    let found = py
+        .import("wfastcgi_asgi")?
+        .call_method1("watched_task", (key, wait.as_secs_f64()))?;
+    if found.is_none() {
+        return Ok(WatchedTask::None);
+    }
+    if !found.is_truthy()? {
+        return Ok(WatchedTask::LoopBlocked);
+    }
+    Ok(WatchedTask::Suspended(found.extract()?))
+}
+
+/// Cancels the task of the request whose sink has `key`, if it still runs; the loop raises
+/// `CancelledError` in it. Called with the GIL.
+pub fn cancel_task(py: Python<'_>, key: usize) -> PyResult<()> {
+    py.import("wfastcgi_asgi")?
+        .call_method1("cancel_task", (key,))?;
+    Ok(())
 }

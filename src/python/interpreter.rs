@@ -143,9 +143,9 @@ unsafe fn status_error(status: &ffi::PyStatus) -> anyhow::Error {
 }
 
 /// Shuts Python down in order: the application's non-daemon threads are joined, then atexit
-/// handlers run and the interpreter is finalised. Threads still running `grace` from now do not
-/// hold the exit: atexit handlers run anyway and finalisation (which would wait for them) is
-/// skipped, since the process is about to end.
+/// handlers run and the interpreter is finalised, all within `grace` from now. Threads still
+/// running then do not hold the exit: atexit handlers run anyway and finalisation (which would
+/// wait for them) is skipped, since the process is about to end.
 pub fn finalize(grace: Duration) {
     if !running() {
         return;
@@ -171,9 +171,9 @@ pub fn finalize(grace: Duration) {
         }
         Err(e) => tracing::warn!("cannot list the application's threads: {e}"),
     }
-    // Finalisation can still block (an atexit handler that waits): give it the same grace.
+    // Finalisation can still block (an atexit handler that waits): it gets what is left.
     std::thread::spawn(move || {
-        std::thread::sleep(grace);
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
         tracing::warn!("Python did not finish shutting down within {grace:?}; exiting anyway");
         crate::logging::flush();
         std::process::exit(0);

@@ -28,6 +28,7 @@ use crate::protocol::Params;
 use crate::routing::{self, RouteSettings};
 
 pub use asgi::stop as stop_asgi;
+pub use asgi::{cancel_task, serving as serves_asgi, watched_task, WatchedTask};
 pub use diagnose::{diagnose, run_request, Diagnosis, HandlerReport, RequestReport};
 use response::error_response;
 

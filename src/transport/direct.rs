@@ -475,4 +475,17 @@ impl OutputTarget for DirectRequest {
     fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::Acquire)
     }
+
+    /// Nothing reads the socket while an ASGI application waits for `http.disconnect`: this
+    /// reads what has arrived (without waiting), as a response's next write does.
+    fn look_for_abort(&self) -> bool {
+        if self.is_aborted() {
+            return true;
+        }
+        let mut wire = lock(&self.wire);
+        if wire.session.running() == Some(self.request_id) && wire.aborted_since() {
+            self.aborted.store(true, Ordering::Release);
+        }
+        self.is_aborted()
+    }
 }

@@ -249,3 +249,47 @@ class NotDetected:
 
 
 not_detected = NotDetected()
+
+
+CANCELLED = []
+
+
+async def sleep_for_an_hour():
+    await asyncio.sleep(3600)
+
+
+async def stuck_app(scope, receive, send):
+    """/sleep awaits for an hour (recording its cancellation), /stubborn goes on awaiting once
+    cancelled, /spin never yields; anything else reports the pid and the cancellations seen."""
+    if scope["type"] == "lifespan":
+        return
+    path = scope["path"]
+    if path.endswith("/sleep"):
+        try:
+            await sleep_for_an_hour()
+        except asyncio.CancelledError:
+            CANCELLED.append("sleep")
+            raise
+    if path.endswith("/stubborn"):
+        try:
+            await sleep_for_an_hour()
+        except asyncio.CancelledError:
+            await sleep_for_an_hour()
+    if path.endswith("/spin"):
+        while True:
+            pass
+    return await _json(send, {"pid": os.getpid(), "cancelled": CANCELLED})
+
+
+async def never_drains(scope, receive, send):
+    """Lifespan startup starts a non-daemon thread that never ends; lifespan shutdown never
+    completes: stopping takes the whole grace, once."""
+    if scope["type"] == "lifespan":
+        await receive()
+        import threading
+        threading.Thread(target=threading.Event().wait, name="never-ends", daemon=False).start()
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await asyncio.sleep(3600)
+        return
+    await _respond(send, 200, b"ok\n")

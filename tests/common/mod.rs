@@ -3,6 +3,8 @@
 //! with a listening socket on fd 0, and talks to it over real sockets.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod web;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::OwnedFd;

@@ -1,3 +1,4 @@
+import asyncio
 import hashlib
 
 from django.http import (HttpResponseServerError, JsonResponse,
@@ -57,6 +58,28 @@ def stream(request):
     # A generator body lets the gateway send lines as they are produced.
     lines = (f"line {n}\n" for n in range(1, 101))
     return StreamingHttpResponse(lines, content_type="text/plain")
+
+
+async def async_info(request):
+    # Under ASGI this runs on the event loop itself; under WSGI Django runs it
+    # in a loop of its own per request.
+    await asyncio.sleep(0)
+    return JsonResponse({
+        "async": True,
+        "path": request.path,
+        "query": {key: values for key, values in request.GET.lists()},
+    })
+
+
+async def async_stream(request):
+    async def lines():
+        for n in range(1, 101):
+            # Yields to the loop between lines, so other requests run.
+            await asyncio.sleep(0)
+            yield f"line {n}\n"
+    # Django's ASGI handler sends each line as produced; its WSGI handler
+    # consumes the async iterator in one go (with a warning).
+    return StreamingHttpResponse(lines(), content_type="text/plain")
 
 
 def boom(request):

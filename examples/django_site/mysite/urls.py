@@ -8,6 +8,8 @@ urlpatterns = [
     path("upload/", views.upload, name="upload"),
     path("api/info/", views.api_info, name="api-info"),
     path("stream/", views.stream, name="stream"),
+    path("async/info/", views.async_info, name="async-info"),
+    path("async/stream/", views.async_stream, name="async-stream"),
     path("boom/", views.boom, name="boom"),
 ]
 

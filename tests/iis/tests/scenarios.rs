@@ -380,6 +380,75 @@ fn the_django_example_with_its_csrf_form_and_an_upload() {
     assert_eq!(json_field(&text, "sha256"), Some(digest.as_str()), "{text}");
 }
 
+/// The FastAPI example served as ASGI by the Windows build, on asyncio's default (proactor)
+/// loop: lifespan state in a JSON GET, path and query parameters, a pydantic-validated POST and
+/// its 422, a StreamingResponse, and the background task the POST queued.
+#[test]
+fn the_fastapi_example_as_asgi_with_lifespan_state_validation_and_a_stream() {
+    let source = folder("WFASTCGI_SOURCE")
+        .join("examples")
+        .join("fastapi_app");
+    let site = scratch("fastapi").join("site");
+    copy_tree(&source, &site);
+    let process = start(&site);
+    let mut client = Client::new(process.pipe());
+
+    let index = get(&mut client, &site, "/", "");
+    assert_eq!(index.status, 200, "{}", index.stderr_text());
+    assert!(
+        index
+            .text()
+            .contains("\"greeting\":\"hello from lifespan\""),
+        "{}",
+        index.text()
+    );
+    let item = get(&mut client, &site, "/items/7", "q=tea&limit=3");
+    assert_eq!(item.text(), r#"{"item_id":7,"q":"tea","limit":3}"#);
+    assert_eq!(get(&mut client, &site, "/items/seven", "").status, 422);
+
+    let created = post(
+        &mut client,
+        &site,
+        "/items",
+        "application/json",
+        br#"{"name": "kettle", "price": 12.5, "tags": ["tea"]}"#,
+    );
+    assert_eq!(created.status, 201, "{}", created.text());
+    assert_eq!(
+        created.text(),
+        r#"{"created":{"name":"kettle","price":12.5,"tags":["tea"]}}"#
+    );
+    let invalid = post(
+        &mut client,
+        &site,
+        "/items",
+        "application/json",
+        br#"{"name": "kettle", "price": -1}"#,
+    );
+    assert_eq!(invalid.status, 422, "{}", invalid.text());
+    assert!(
+        invalid.text().contains("greater_than"),
+        "{}",
+        invalid.text()
+    );
+
+    let streamed = get(&mut client, &site, "/stream", "lines=500");
+    assert_eq!(streamed.status, 200, "{}", streamed.stderr_text());
+    let expected: String = (1..=500).map(|n| format!("line {n}\n")).collect();
+    assert_eq!(streamed.text(), expected);
+
+    // The background task runs after its response was sent: asked until it shows.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = get(&mut client, &site, "/stats", "").text();
+        if stats.contains("\"background_done\":1,") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no background task ran: {stats}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn cookie(response: &Response, name: &str) -> String {
     response
         .headers_named("Set-Cookie")
