@@ -7,8 +7,8 @@
 //! runtime for a request from a connection task, else the worker itself, which then waits for the
 //! request. New requests and completed futures reach the loop through one queue in [`Shared`];
 //! the loop is woken by one byte on a socket pair it watches with `add_reader` (`sock_recv` on
-//! Windows' Proactor loop, which has no `add_reader`), so nothing takes the GIL to wake it. The Python half (`asgi.py`)
-//! holds the loop, lifespan and the ASGI message rules.
+//! Windows' Proactor loop, which has no `add_reader`), so nothing takes the GIL to wake it. The
+//! Python half (`asgi.py`) holds the loop, lifespan and the ASGI message rules.
 
 use std::borrow::Cow;
 use std::collections::hash_map::{Entry, HashMap};
