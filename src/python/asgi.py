@@ -55,35 +55,55 @@ async def _main(bridge, app, loop):
     bridge.started(None, wsock.fileno())
     tasks = set()
     stop = loop.create_future()
-    dispatcher = loop.create_task(_dispatch(bridge, app, state, rsock, tasks, stop))
+
+    def dispatch():
+        _dispatch(bridge, app, state, tasks, stop, loop)
+
+    def wake():
+        try:
+            rsock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        dispatch()
+
+    try:
+        # A reader callback: no future, no task step and no epoll change per wake-up.
+        loop.add_reader(rsock, wake)
+        stop_waking = lambda: loop.remove_reader(rsock)
+    except NotImplementedError:
+        # The Proactor loop (Windows) has no add_reader.
+        stop_waking = loop.create_task(_wait_wakes(rsock, dispatch, loop)).cancel
     await stop
     # Stop comes once the worker threads are done, so every response is complete; tasks still
     # running (work after the response) get to finish, bounded by the grace in Rust. The
-    # dispatcher goes on completing their futures meanwhile.
+    # wake-ups go on completing their futures meanwhile.
     if tasks:
         await asyncio.wait(tasks)
     await lifespan.shutdown()
-    dispatcher.cancel()
+    stop_waking()
 
 
-async def _dispatch(bridge, app, state, rsock, tasks, stop):
-    """Takes what the workers and pumps hand over: new requests, completed futures, stop."""
-    loop = asyncio.get_running_loop()
+async def _wait_wakes(rsock, dispatch, loop):
     while True:
         await loop.sock_recv(rsock, 4096)
-        for item in bridge.drain():
-            if item[0] == 0:
-                scope = item[1]
-                scope["state"] = state.copy()
-                task = loop.create_task(_serve(app, scope, item[2], loop))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            elif item[0] == 1:
-                future = item[1]
-                if not future.done():
-                    future.set_result(item[2])
-            elif not stop.done():
-                stop.set_result(None)
+        dispatch()
+
+
+def _dispatch(bridge, app, state, tasks, stop, loop):
+    """Takes what the workers and pumps hand over: new requests, completed futures, stop."""
+    for item in bridge.drain():
+        if item[0] == 0:
+            scope = item[1]
+            scope["state"] = state.copy()
+            task = loop.create_task(_serve(app, scope, item[2], loop))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif item[0] == 1:
+            future = item[1]
+            if not future.done():
+                future.set_result(item[2])
+        elif not stop.done():
+            stop.set_result(None)
 
 
 class _Lifespan:
@@ -196,6 +216,10 @@ def watched_task(key, wait):
 class _Exchange:
     """receive() and send() of one request."""
 
+    __slots__ = (
+        "request", "loop", "body_done", "started", "complete", "disconnected", "watch", "pending"
+    )
+
     def __init__(self, request, loop):
         self.request = request
         self.loop = loop
@@ -241,14 +265,17 @@ class _Exchange:
             self.request.start(message["status"], message.get("headers", ()))
             self.started = True
         elif kind == "http.response.body":
-            self._check_streaming(kind)
+            if not self.started or self.complete:
+                self._check_streaming(kind)
             more = bool(message.get("more_body", False))
             self.complete = not more
-            await self._wait(self.request.body(message.get("body", b""), more, self._future()))
+            pending = self.request.body(message.get("body", b""), more, self.loop)
+            if pending is not True:
+                await self._wait(pending)
         elif kind == "http.response.pathsend":
             self._check_streaming(kind)
             self.complete = True
-            await self._wait(self.request.pathsend(message["path"], self._future()))
+            await self._wait(self.request.pathsend(message["path"], self.loop.create_future()))
         elif kind == "http.response.trailers":
             # FastCGI has no trailers: accepted and dropped.
             if not self.started:
@@ -262,13 +289,8 @@ class _Exchange:
         if self.complete:
             raise RuntimeError(f"{kind} after the response was complete")
 
-    def _future(self):
-        return self.loop.create_future()
-
     async def _wait(self, pending):
-        """`pending` is the future to wait for, True when sent at once, False when gone."""
-        if pending is True:
-            return
+        """`pending` is the future to wait for, or False when gone."""
         if pending is not False:
             pending = await pending
             if pending is True:

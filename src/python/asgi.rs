@@ -6,9 +6,9 @@
 //! the request) it asks of the request's pump as an [`Op`]: a task on the `wfastcgi-asgi-io`
 //! runtime for a request from a connection task, else the worker itself, which then waits for the
 //! request. New requests and completed futures reach the loop through one queue in [`Shared`];
-//! the loop is woken by one byte on a socket pair it reads with `sock_recv` (which every loop has,
-//! Windows' Proactor included), so nothing takes the GIL to wake it. The Python half (`asgi.py`)
-//! holds the loop, lifespan and the ASGI message rules.
+//! the loop is woken by one byte on a socket pair it watches with `add_reader` (`sock_recv` on
+//! Windows' Proactor loop, which has no `add_reader`), so nothing takes the GIL to wake it. The
+//! Python half (`asgi.py`) holds the loop, lifespan and the ASGI message rules.
 
 use std::borrow::Cow;
 use std::collections::hash_map::{Entry, HashMap};
@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
@@ -913,13 +914,14 @@ impl AsgiRequest {
     }
 
     /// `http.response.body`: `True` when the connection took it, `False` when it is gone, else
-    /// `future`, which the worker completes.
+    /// a future of `event_loop`, which the pump completes (made only then: most responses never
+    /// wait).
     fn body<'py>(
         &mut self,
         py: Python<'py>,
         data: &Bound<'py, PyAny>,
         more: bool,
-        future: Bound<'py, PyAny>,
+        event_loop: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyAny>> {
         // The connection drops an aborted request's batches (it takes them still), so the
         // application learns here that the web server is gone: ASGI 2.4 apps such as Starlette's
@@ -949,6 +951,7 @@ impl AsgiRequest {
                 Ok(true.into_pyobject(py)?.to_owned().into_any())
             }
             Err(TrySendError::Full(output)) => {
+                let future = event_loop.call_method0(intern!(py, "create_future"))?;
                 self.done |= last.is_some();
                 self.post(Op::Send {
                     output,
@@ -1181,41 +1184,53 @@ fn scope<'py>(
         },
     );
     let scope = PyDict::new(py);
-    scope.set_item("type", "http")?;
+    scope.set_item(intern!(py, "type"), intern!(py, "http"))?;
     let asgi = PyDict::new(py);
-    asgi.set_item("version", "3.0")?;
-    asgi.set_item("spec_version", "2.4")?;
-    scope.set_item("asgi", asgi)?;
+    asgi.set_item(intern!(py, "version"), intern!(py, "3.0"))?;
+    asgi.set_item(intern!(py, "spec_version"), intern!(py, "2.4"))?;
+    scope.set_item(intern!(py, "asgi"), asgi)?;
     let protocol = text(b"SERVER_PROTOCOL").unwrap_or(b"HTTP/1.1");
     let http_version = match protocol.strip_prefix(b"HTTP/") {
-        Some(b"1.0") => "1.0",
-        Some(b"2" | b"2.0") => "2",
-        Some(b"3" | b"3.0") => "3",
-        _ => "1.1",
+        Some(b"1.0") => intern!(py, "1.0"),
+        Some(b"2" | b"2.0") => intern!(py, "2"),
+        Some(b"3" | b"3.0") => intern!(py, "3"),
+        _ => intern!(py, "1.1"),
     };
-    scope.set_item("http_version", http_version)?;
-    let method = text(b"REQUEST_METHOD").unwrap_or(b"GET");
-    scope.set_item(
-        "method",
-        String::from_utf8_lossy(method).to_ascii_uppercase(),
-    )?;
+    scope.set_item(intern!(py, "http_version"), http_version)?;
+    let method = match text(b"REQUEST_METHOD").unwrap_or(b"GET") {
+        b"GET" => intern!(py, "GET").clone(),
+        b"POST" => intern!(py, "POST").clone(),
+        b"HEAD" => intern!(py, "HEAD").clone(),
+        other => PyString::new(py, &String::from_utf8_lossy(other).to_ascii_uppercase()),
+    };
+    scope.set_item(intern!(py, "method"), method)?;
     let https = params
         .get(b"HTTPS")
         .is_some_and(|v| v.eq_ignore_ascii_case(b"on"));
-    scope.set_item("scheme", if https { "https" } else { "http" })?;
+    scope.set_item(
+        intern!(py, "scheme"),
+        if https {
+            intern!(py, "https")
+        } else {
+            intern!(py, "http")
+        },
+    )?;
     let mut path = route.script_name.to_vec();
     path.extend_from_slice(&route.path_info);
-    scope.set_item("path", String::from_utf8_lossy(&path))?;
+    scope.set_item(intern!(py, "path"), String::from_utf8_lossy(&path))?;
     // The target as the client sent it: IIS's UNENCODED_URL, nginx's REQUEST_URI.
     let raw = text(b"UNENCODED_URL")
         .or_else(|| text(b"REQUEST_URI"))
         .map(|uri| uri.split(|&b| b == b'?').next().unwrap_or_default())
         .unwrap_or(&path);
-    scope.set_item("raw_path", PyBytes::new(py, raw))?;
+    scope.set_item(intern!(py, "raw_path"), PyBytes::new(py, raw))?;
     let query = params.get(b"QUERY_STRING").unwrap_or_default();
-    scope.set_item("query_string", PyBytes::new(py, query))?;
-    scope.set_item("root_path", String::from_utf8_lossy(&route.script_name))?;
-    scope.set_item("headers", headers(py, params)?)?;
+    scope.set_item(intern!(py, "query_string"), PyBytes::new(py, query))?;
+    scope.set_item(
+        intern!(py, "root_path"),
+        String::from_utf8_lossy(&route.script_name),
+    )?;
+    scope.set_item(intern!(py, "headers"), headers(py, params)?)?;
     let address = |host: &[u8], port: &[u8]| -> Option<(String, u16)> {
         let host = params.get(host).filter(|v| !v.is_empty())?;
         let port = std::str::from_utf8(params.get(port)?)
@@ -1225,14 +1240,17 @@ fn scope<'py>(
             .ok()?;
         Some((String::from_utf8_lossy(host).into_owned(), port))
     };
-    scope.set_item("client", address(b"REMOTE_ADDR", b"REMOTE_PORT"))?;
     scope.set_item(
-        "server",
+        intern!(py, "client"),
+        address(b"REMOTE_ADDR", b"REMOTE_PORT"),
+    )?;
+    scope.set_item(
+        intern!(py, "server"),
         address(b"SERVER_ADDR", b"SERVER_PORT").or_else(|| address(b"SERVER_NAME", b"SERVER_PORT")),
     )?;
     let extensions = PyDict::new(py);
-    extensions.set_item("http.response.pathsend", PyDict::new(py))?;
-    scope.set_item("extensions", extensions)?;
+    extensions.set_item(intern!(py, "http.response.pathsend"), PyDict::new(py))?;
+    scope.set_item(intern!(py, "extensions"), extensions)?;
     Ok(scope)
 }
 
