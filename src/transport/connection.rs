@@ -128,6 +128,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 return Ok(());
             }
             let reading = !self.peer_closed && !self.has_pending_body();
+            if reading {
+                // Reserved once the buffered records are taken: an emptied buffer is reused in
+                // place, where reserving with a request's records still in it doubles it.
+                let buf = self.session.read_buf();
+                let needed = RecordDecoder::bytes_needed(buf);
+                buf.reserve(needed.max(READ_ROOM));
+            }
             let idle_limit = self.context.idle_timeout.filter(|_| self.running.is_none());
             // One timer for the connection's life, moved forward as bytes arrive.
             if let Some(limit) = idle_limit {
@@ -164,9 +171,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                         // The body can never complete; wsgi.input reports the interruption.
                         self.stop_feeding_body();
                     }
-                    let buf = self.session.read_buf();
-                    let needed = RecordDecoder::bytes_needed(buf);
-                    buf.reserve(needed.max(READ_ROOM));
                     self.idle_since = tokio::time::Instant::now();
                 }
                 _ = self.shutdown.started(), if !self.shutting_down => {
@@ -438,4 +442,44 @@ async fn write_all_vectored<S: AsyncWrite + Unpin>(
         }
     }
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{encode_begin_request, encode_end_of_stream, RecordType, Role};
+
+    /// A request's records arriving in one read must not grow the read buffer past
+    /// `READ_ROOM`: reserving while they were still in it doubled every connection's buffer.
+    #[tokio::test]
+    async fn a_request_in_one_read_keeps_the_buffer_at_read_room() {
+        let mut request = BytesMut::new();
+        encode_begin_request(&mut request, 1, Role::Responder, false);
+        let mut pairs = BytesMut::new();
+        protocol::encode_name_value(&mut pairs, b"REQUEST_METHOD", b"GET");
+        protocol::encode_stream(&mut request, RecordType::Params, 1, &pairs);
+        encode_end_of_stream(&mut request, RecordType::Params, 1);
+        encode_end_of_stream(&mut request, RecordType::Stdin, 1);
+
+        let (jobs, receiver) = super::super::queue::bounded(1);
+        let context = Arc::new(ServerContext {
+            jobs,
+            param_limits: ParamLimits::default(),
+            advertised: Advertised::ONE,
+            allowed_peers: None,
+            idle_timeout: None,
+            send_timeout: None,
+            header_timeout: None,
+        });
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let (mut client, server) = tokio::io::duplex(64 << 10);
+        let mut connection = Connection::new(server, context.session(), context.clone(), shutdown);
+        client.write_all(&request).await.unwrap();
+        client.shutdown().await.unwrap();
+        // The worker drops the job unanswered: the connection ends the request and returns.
+        let worker = std::thread::spawn(move || drop(receiver.recv()));
+        connection.run().await.unwrap();
+        worker.join().unwrap();
+        assert!(connection.session.read_buf().capacity() <= READ_ROOM);
+    }
 }
