@@ -1127,38 +1127,39 @@ pub struct Routing {
 /// and the content fields keep the last value; the others are joined.
 fn headers<'py>(py: Python<'py>, params: &Params) -> PyResult<Bound<'py, PyList>> {
     let mut headers: Vec<(Vec<u8>, Cow<'_, [u8]>)> = Vec::new();
-    let mut seen: HashMap<Vec<u8>, usize> = HashMap::new();
+    // Keyed by the parameter's name without `HTTP_`, so CONTENT_TYPE and HTTP_CONTENT_TYPE meet.
+    let mut seen: HashMap<&[u8], usize> = HashMap::new();
     for (name, value) in params.iter() {
-        let header = match name {
-            b"CONTENT_TYPE" if !value.is_empty() => b"content-type".to_vec(),
-            b"CONTENT_LENGTH" if !super::is_unknown_length(value) => b"content-length".to_vec(),
+        let (key, header) = match name {
+            b"CONTENT_TYPE" if !value.is_empty() => (name, b"content-type".to_vec()),
+            b"CONTENT_LENGTH" if !super::is_unknown_length(value) => {
+                (name, b"content-length".to_vec())
+            }
             _ => match name.strip_prefix(b"HTTP_") {
-                Some(rest) if !rest.is_empty() => rest
-                    .iter()
-                    .map(|&b| match b {
-                        b'_' => b'-',
-                        _ => b.to_ascii_lowercase(),
-                    })
-                    .collect(),
+                Some(rest) if !rest.is_empty() => (
+                    rest,
+                    rest.iter()
+                        .map(|&b| match b {
+                            b'_' => b'-',
+                            _ => b.to_ascii_lowercase(),
+                        })
+                        .collect(),
+                ),
                 _ => continue,
             },
         };
-        match seen.entry(header) {
+        match seen.entry(key) {
             Entry::Occupied(index) => {
-                let separator = match index.key().as_slice() {
-                    b"host" | b"content-type" | b"content-length" => None,
-                    b"cookie" => Some(&b"; "[..]),
-                    _ => Some(&b", "[..]),
-                };
-                let earlier = &mut headers[*index.get()].1;
-                *earlier = match separator {
-                    Some(separator) => Cow::Owned([earlier, separator, value].concat()),
-                    None => Cow::Borrowed(value),
+                let (header, earlier) = &mut headers[*index.get()];
+                *earlier = match header.as_slice() {
+                    b"host" | b"content-type" | b"content-length" => Cow::Borrowed(value),
+                    b"cookie" => Cow::Owned([earlier, &b"; "[..], value].concat()),
+                    _ => Cow::Owned([earlier, &b", "[..], value].concat()),
                 };
             }
             Entry::Vacant(slot) => {
-                headers.push((slot.key().clone(), Cow::Borrowed(value)));
-                slot.insert(headers.len() - 1);
+                slot.insert(headers.len());
+                headers.push((header, Cow::Borrowed(value)));
             }
         }
     }
