@@ -94,14 +94,6 @@ fn a_hundred_slow_requests_are_in_flight_at_once() {
     assert_eq!(after["in_flight"], 0, "{after}");
 }
 
-/// Starts `handler` IIS-style and sends one GET.
-fn answer(handler: &str, settings: &[(&str, &str)]) -> (AppDir, Gateway, Response) {
-    let app = AppDir::new(handler, settings);
-    let mut gateway = Gateway::iis(&[]);
-    let response = gateway.client().get(1, &app.iis_params("GET", "/"));
-    (app, gateway, response)
-}
-
 #[test]
 fn the_scope_follows_asgi_2_4_and_the_wsgi_routing_rules() {
     let app = AppDir::new("asgi_app.scope_app", &[]);
@@ -388,27 +380,6 @@ fn one_grace_bounds_the_loop_and_finalising_together() {
     );
 }
 
-/// A 500 with the detail on FCGI_STDERR and in the log, and a process that still answers the
-/// next request the same way (the ASGI side of errors.rs's `assert_500`).
-fn assert_500(handler: &str, detail: &str) {
-    let (app, mut gateway, response) = answer(handler, &[]);
-    assert_eq!(response.status, 500, "{handler}: {}", response.text());
-    assert_eq!(response.text(), "Internal Server Error\n");
-    assert!(
-        response.stderr_text().contains(detail),
-        "{handler}: stderr {:?}",
-        response.stderr_text()
-    );
-    assert_eq!(response.protocol_status, 0);
-    let log = app.wait_for_log(detail);
-    assert!(
-        log.contains(detail),
-        "{handler}: log lacks {detail:?}:\n{log}"
-    );
-    let again = gateway.client().get(2, &app.iis_params("GET", "/"));
-    assert_eq!(again.status, 500, "{handler}: still serving");
-}
-
 #[test]
 fn exception_before_the_response_starts() {
     assert_500("asgi_errors.call_error", "ValueError: boom in call");
@@ -652,7 +623,6 @@ fn seen<S: std::io::Read + std::io::Write>(
 
 #[test]
 fn aborts_mid_upload_and_mid_stream_are_http_disconnect() {
-    use bytes::BytesMut;
     use wfastcgi::protocol;
     // IIS: FCGI_ABORT_REQUEST mid-upload; the app waiting in receive() gets http.disconnect.
     let app = AppDir::new("asgi_app.disconnect_app", &[]);
@@ -663,9 +633,7 @@ fn aborts_mid_upload_and_mid_stream_are_http_disconnect() {
     let whole =
         Client::<std::os::unix::net::UnixStream>::encode(&Send::new(1, &params).body(&[7u8; 1000]));
     client.write_raw(&whole[..whole.len() - protocol::HEADER_LEN]);
-    let mut abort = BytesMut::new();
-    protocol::encode_abort_request(&mut abort, 1);
-    client.write_raw(&abort);
+    client.abort(1);
     let response = client.read_response(1);
     assert_eq!(response.protocol_status, 0);
     let json = seen(&mut client, &app, 2, 1);
@@ -720,16 +688,12 @@ fn aborts_mid_upload_and_mid_stream_are_http_disconnect() {
 /// send(), and the request is ended.
 #[test]
 fn iis_an_abort_while_waiting_in_receive_after_the_body_is_http_disconnect() {
-    use bytes::BytesMut;
-    use wfastcgi::protocol;
     let app = AppDir::new("asgi_app.disconnect_app", &[]);
     let mut gateway = Gateway::iis(&[]);
     let mut client = gateway.client();
     client.send(&Send::new(1, &app.iis_params("GET", "/wait")));
     app.wait_for_log("waiting for http.disconnect");
-    let mut abort = BytesMut::new();
-    protocol::encode_abort_request(&mut abort, 1);
-    client.write_raw(&abort);
+    client.abort(1);
     let response = client.read_response(1);
     assert_eq!(response.protocol_status, 0);
     let json = seen(&mut client, &app, 2, 1);

@@ -5,35 +5,6 @@ mod common;
 
 use common::*;
 
-/// Starts the handler under the IIS pattern and sends one GET.
-fn answer(handler: &str, settings: &[(&str, &str)]) -> (AppDir, Gateway, Response) {
-    let app = AppDir::new(handler, settings);
-    let mut gateway = Gateway::iis(&[]);
-    let response = gateway.client().get(1, &app.iis_params("GET", "/"));
-    (app, gateway, response)
-}
-
-/// A 500 with the detail on FCGI_STDERR (what IIS shows), the detail in the log, and a
-/// process that still answers the next request the same way.
-fn assert_500(handler: &str, detail: &str) {
-    let (app, mut gateway, response) = answer(handler, &[]);
-    assert_eq!(response.status, 500, "{handler}: {}", response.text());
-    assert_eq!(response.text(), "Internal Server Error\n");
-    assert!(
-        response.stderr_text().contains(detail),
-        "{handler}: stderr {:?}",
-        response.stderr_text()
-    );
-    assert_eq!(response.protocol_status, 0);
-    let log = app.wait_for_log(detail);
-    assert!(
-        log.contains(detail),
-        "{handler}: log lacks {detail:?}:\n{log}"
-    );
-    let again = gateway.client().get(2, &app.iis_params("GET", "/"));
-    assert_eq!(again.status, 500, "{handler}: still serving");
-}
-
 #[test]
 fn exception_in_the_call() {
     assert_500("errors.call_error", "ValueError: boom in call");

@@ -450,9 +450,7 @@ fn abort_stops_the_response_and_closes_the_iterable() {
     let params = app.iis_params("GET", "/?n=50&size=10&sleep=0.05");
     client.send(&Send::new(7, &params));
     std::thread::sleep(Duration::from_millis(200));
-    let mut abort = BytesMut::new();
-    protocol::encode_abort_request(&mut abort, 7);
-    client.write_raw(&abort);
+    client.abort(7);
     let response = client.read_response(7);
     assert!(
         response.body.len() < 500,
@@ -480,9 +478,7 @@ fn close_is_called_once_per_request_and_on_abort() {
     assert_eq!(client.get(4, &app.iis_params("GET", "/count")).text(), "3");
     client.send(&Send::new(5, &app.iis_params("GET", "/slow")));
     std::thread::sleep(Duration::from_millis(200));
-    let mut abort = BytesMut::new();
-    protocol::encode_abort_request(&mut abort, 5);
-    client.write_raw(&abort);
+    client.abort(5);
     let response = client.read_response(5);
     assert!(response.body.len() < 100, "stopped early");
     assert_eq!(client.get(6, &app.iis_params("GET", "/count")).text(), "4");

@@ -6,7 +6,6 @@ mod common;
 use std::io::Read;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use common::*;
 use wfastcgi::protocol::{self, Record};
 
@@ -161,9 +160,7 @@ fn aborts_mid_upload_and_mid_download() {
         Client::<std::os::unix::net::UnixStream>::encode(&Send::new(1, &params).body(&[7u8; 1000]));
     client.write_raw(&whole[..whole.len() - protocol::HEADER_LEN]);
     std::thread::sleep(Duration::from_millis(200));
-    let mut abort = BytesMut::new();
-    protocol::encode_abort_request(&mut abort, 1);
-    client.write_raw(&abort);
+    client.abort(1);
     let response = client.read_response(1);
     assert_eq!(response.protocol_status, 0);
     assert!(app
