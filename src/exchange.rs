@@ -171,6 +171,15 @@ impl ResponseSink {
         self.target.send_blocking(output)
     }
 
+    /// Sends a whole response as the request's only batch. A job's channel always has room for
+    /// it, so this never blocks there (a connection's task may call it); on the IIS stream it
+    /// waits for the web server as [`ResponseSink::send_blocking`] does.
+    pub fn send_whole(&self, output: Output) {
+        if let Err(TrySendError::Full(output)) = self.try_send(output) {
+            let _ = self.send_blocking(output);
+        }
+    }
+
     /// See [`OutputTarget::channel`].
     pub fn channel(&self) -> Option<&mpsc::Sender<Output>> {
         self.target.channel()
@@ -332,11 +341,11 @@ pub fn simple_response(
 }
 
 /// Answers a request the application does not see with a plain-text `status` and `body`.
-/// Blocks while the web server is behind: never call it holding the GIL.
+/// On the IIS stream it blocks while the web server is behind: never call it holding the GIL.
 pub fn respond(response: &ResponseSink, status: &str, body: &str) {
     let mut encoder = ResponseEncoder::new(response.request_id());
     simple_response(&mut encoder, status, &[], body.as_bytes());
-    let _ = response.send_blocking(Output::End(encoder.finish(0)));
+    response.send_whole(Output::End(encoder.finish(0)));
 }
 
 /// Answers a job with a 500 whose body is `notice`: a deployment problem the administrator must

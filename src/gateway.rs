@@ -56,7 +56,7 @@ impl Options {
 
 /// The application, or why every request gets a 500.
 enum AppState {
-    Ready(App),
+    Ready(Arc<App>),
     Unavailable {
         message: String,
         detail: ErrorDetail,
@@ -166,24 +166,18 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
         _ => None,
     };
     // Listening, the application is loaded before a connection is taken: an ASGI one runs its
-    // requests on its event loop, so the I/O thread serves every connection (python/asgi.rs).
+    // requests on its event loop, so the I/O thread serves every connection and hands their
+    // requests to the loop itself (python/asgi.rs), with no worker thread.
     let threads = config.map_or(1, |config| self::threads(config, iis_stream));
     let preloaded = match (eager_site.as_ref(), iis_stream) {
         (Some(site), false) => Some(load(site.config.clone(), deployment(threads, &options))),
         _ => None,
     };
-    let asgi = matches!(&preloaded, Some(AppState::Ready(app)) if app.is_asgi());
+    let asgi = match &preloaded {
+        Some(AppState::Ready(app)) if app.is_asgi() => Some(app.clone()),
+        _ => None,
+    };
     let queue_length = match config {
-        // Its requests wait on the loop, not for a thread: the queue only hands them over, and
-        // holds as many as there may be connections, unless set.
-        Some(config)
-            if asgi
-                && config
-                    .get("WSGI_QUEUE_LENGTH")
-                    .is_none_or(|v| v.trim().is_empty()) =>
-        {
-            MAX_CONNECTIONS
-        }
         Some(config) => config.queue_length()?,
         None => config::DEFAULT_QUEUE_LENGTH,
     };
@@ -194,6 +188,15 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     let send_timeout = listening.map_or(Ok(None), AppConfig::send_timeout)?;
     let header_timeout = listening.map_or(Ok(None), AppConfig::header_timeout)?;
     let (jobs, job_receiver) = queue::bounded(queue_length);
+    let jobs = match &asgi {
+        Some(app) => {
+            // Closed, so start_site finds no job for the notice rather than waiting for one.
+            drop(jobs);
+            let notice = eager_site.as_ref().and_then(|site| site.notice.clone());
+            to_event_loop(app.clone(), notice)
+        }
+        None => jobs,
+    };
     let waiting = job_receiver.clone();
     ops::metrics::set_queue_length(move || waiting.len());
     let (max_conns, max_reqs) = if iis_stream {
@@ -208,8 +211,8 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
     // On Linux idle workers accept connections themselves (acceptor.rs), WSGI only.
     #[cfg(target_os = "linux")]
     let (transport, jobs, acceptor) = match asgi {
-        true => (transport, jobs, None),
-        false => crate::transport::server::share(
+        Some(_) => (transport, jobs, None),
+        None => crate::transport::server::share(
             transport,
             jobs,
             allowed_peers.clone(),
@@ -246,6 +249,9 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
                 server_trigger,
             ));
             ops::io_finished(listener);
+            // Kept until the event loop has stopped: it runs the pumps of ASGI requests whose
+            // connection is already gone.
+            runtime
         })
         .context("cannot start the I/O thread")?;
 
@@ -283,12 +289,25 @@ pub fn serve(transport: Transport, options: Options) -> Result<()> {
             #[cfg(target_os = "linux")]
             shutdown: trigger.subscribe(),
         };
-        run_workers(&state, threads, first_job, &feed);
+        if asgi.is_none() {
+            run_workers(&state, threads, first_job, &feed);
+        }
     }
-    if server.join().is_err() {
-        tracing::error!("the I/O thread panicked");
-    }
+    let _io_runtime = server
+        .join()
+        .map_err(|_| tracing::error!("the I/O thread panicked"));
     finish()
+}
+
+/// Listening, the event loop is an ASGI application's queue: its connection tasks hand it their
+/// requests themselves, one thread hop fewer than through a worker. `notice` (a log problem)
+/// answers the first request instead.
+fn to_event_loop(app: Arc<App>, notice: Option<String>) -> queue::JobQueue {
+    let notice = std::sync::Mutex::new(notice);
+    queue::direct(Arc::new(move |job| match crate::lock(&notice).take() {
+        Some(notice) => exchange::respond_notice(job, &notice),
+        None => app.hand_to_loop(job),
+    }))
 }
 
 /// Under IIS (fd 0 a connected stream): requests are read and answered by the application's
@@ -491,7 +510,7 @@ fn load(config: Result<AppConfig, String>, deployment: Deployment) -> AppState {
         return unavailable(format!("{e:#}"), detail);
     }
     match python::load(&config, deployment) {
-        Ok(app) => AppState::Ready(app),
+        Ok(app) => AppState::Ready(Arc::new(app)),
         Err(message) => unavailable(message, detail),
     }
 }

@@ -539,3 +539,42 @@ fn a_malformed_record_closes_only_that_connection() {
         "the process keeps serving"
     );
 }
+
+/// Loading the application ends with `gc.freeze()`, so a full collection does not walk the
+/// framework again in the middle of requests; `WSGI_GC_FREEZE=off` leaves the collector alone,
+/// and a value that is neither is the reason for every request's 500.
+#[test]
+fn the_loaded_application_is_frozen_out_of_the_collectors_way() {
+    for (handler, setting, frozen) in [
+        ("gc_state.app", None, true),
+        ("gc_state.asgi_app", None, true),
+        ("gc_state.app", Some("on"), true),
+        ("gc_state.app", Some("off"), false),
+        ("gc_state.asgi_app", Some("OFF"), false),
+    ] {
+        let settings: Vec<(&str, &str)> =
+            setting.map(|v| ("WSGI_GC_FREEZE", v)).into_iter().collect();
+        let (_app, _gateway, response) = answer(handler, &settings);
+        assert_eq!(
+            response.status,
+            200,
+            "{handler} {setting:?}: {}",
+            response.text()
+        );
+        let count: usize = response.text().trim().parse().expect("a count");
+        assert_eq!(
+            count > 0,
+            frozen,
+            "{handler} {setting:?}: {count} objects frozen"
+        );
+    }
+    let (_app, _gateway, response) = answer("gc_state.app", &[("WSGI_GC_FREEZE", "maybe")]);
+    assert_eq!(response.status, 500);
+    assert!(
+        response
+            .stderr_text()
+            .contains(r#"app setting WSGI_GC_FREEZE="maybe" is invalid: expected on or off"#),
+        "{}",
+        response.stderr_text()
+    );
+}

@@ -97,6 +97,13 @@ impl GuardedSink {
         Ok(())
     }
 
+    /// As [`ResponseSink::send_whole`].
+    pub fn send_whole(&self, output: Output) {
+        if let Err(TrySendError::Full(output)) = self.try_send(output) {
+            let _ = self.send_blocking(output);
+        }
+    }
+
     /// The connection's channel, whose room an asynchronous sender awaits before
     /// [`GuardedSink::try_send`] (the ASGI bridge).
     pub fn channel(&self) -> Option<&tokio::sync::mpsc::Sender<Output>> {

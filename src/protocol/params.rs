@@ -188,9 +188,12 @@ impl ParamsBuilder {
         if self.scanned != self.stream.len() {
             return Err(ProtocolError::NameValueTruncated);
         }
+        let mut pairs = self.pairs;
+        // Room for IIS's fifty pairs was made up front; a request keeps only what it has.
+        pairs.shrink_to_fit();
         Ok(Params {
             buffers: vec![Bytes::from(self.stream)],
-            pairs: self.pairs,
+            pairs,
         })
     }
 }

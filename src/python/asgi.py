@@ -74,9 +74,9 @@ async def _main(bridge, app, loop):
         # The Proactor loop (Windows) has no add_reader.
         stop_waking = loop.create_task(_wait_wakes(rsock, dispatch, loop)).cancel
     await stop
-    # Stop comes once the worker threads are done, so every response is complete; tasks still
-    # running (work after the response) get to finish, bounded by the grace in Rust. The
-    # wake-ups go on completing their futures meanwhile.
+    # Stop comes once the connections (or, under IIS, the worker) are done, so every response is
+    # complete; tasks still running (work after the response) get to finish, bounded by the
+    # grace in Rust. The wake-ups go on completing their futures meanwhile.
     if tasks:
         await asyncio.wait(tasks)
     await lifespan.shutdown()

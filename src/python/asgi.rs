@@ -1,11 +1,12 @@
 //! The ASGI 3 bridge: one event loop per process, on the `wfastcgi-asgi` thread, runs every
 //! request as a task, and is the only thread that runs Python.
 //!
-//! A worker hands a request to the loop without the GIL ([`dispatch`]); what the task cannot do
-//! without waiting (read the body, send a batch the connection has no room for, send a file, end
-//! the request) it asks of the request's pump as an [`Op`]: a task on the `wfastcgi-asgi-io`
-//! runtime for a request from a connection task, else the worker itself, which then waits for the
-//! request. New requests and completed futures reach the loop through one queue in [`Shared`];
+//! A request reaches the loop without the GIL ([`dispatch`]): from its connection's task when
+//! listening, from a worker under IIS. What the task cannot do without waiting (read the body,
+//! send a batch the connection has no room for, send a file, end the request) it asks of the
+//! request's pump as an [`Op`]: a task beside the connection's for a request from a connection
+//! task (on the I/O runtime; under IIS on Windows, on a runtime of the bridge's own), else the
+//! worker that read the request from the IIS stream itself, which then waits for the request. New requests and completed futures reach the loop through one queue in [`Shared`];
 //! the loop is woken by one byte on a socket pair it watches with `add_reader` (`sock_recv` on
 //! Windows' Proactor loop, which has no `add_reader`), so nothing takes the GIL to wake it. The
 //! Python half (`asgi.py`) holds the loop, lifespan and the ASGI message rules.
@@ -112,8 +113,28 @@ pub fn detect(
 /// The loaded ASGI application: requests go to the event loop.
 pub struct AsgiApp {
     shared: Arc<Shared>,
-    /// Pumps the requests of connection tasks (`wfastcgi-asgi-io`; never takes the GIL).
-    runtime: tokio::runtime::Runtime,
+    /// Pumps the requests a worker hands over from connection tasks (`wfastcgi-asgi-io`; never
+    /// takes the GIL): made for the first one, as a request from a connection's own task is
+    /// pumped on that task's runtime.
+    runtime: OnceLock<tokio::runtime::Runtime>,
+}
+
+impl AsgiApp {
+    /// The runtime that pumps a request from a connection task: the caller's, or the bridge's.
+    fn pump_runtime(&self) -> std::io::Result<tokio::runtime::Handle> {
+        if let Ok(current) = tokio::runtime::Handle::try_current() {
+            return Ok(current);
+        }
+        if let Some(runtime) = self.runtime.get() {
+            return Ok(runtime.handle().clone());
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("wfastcgi-asgi-io")
+            .enable_time()
+            .build()?;
+        Ok(self.runtime.get_or_init(|| runtime).handle().clone())
+    }
 }
 
 /// What the loop and the workers share.
@@ -345,17 +366,14 @@ pub fn start(
         }
     });
     started.map_err(|reason| format!("ASGI lifespan startup failed: {reason}"))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("wfastcgi-asgi-io")
-        .enable_time()
-        .build()
-        .map_err(|e| format!("cannot start the ASGI I/O runtime: {e}"))?;
     let _ = SHARED.set(shared.clone());
-    Ok(AsgiApp { shared, runtime })
+    Ok(AsgiApp {
+        shared,
+        runtime: OnceLock::new(),
+    })
 }
 
-/// Runs lifespan shutdown once every worker is done, and waits for the loop to end, at most
+/// Runs lifespan shutdown once every connection and worker is done, and waits for the loop to end, at most
 /// `grace`.
 pub fn stop(grace: Duration) {
     let Some(shared) = SHARED.get() else { return };
@@ -480,9 +498,9 @@ impl Drop for TaskPump {
 
 /// Serves one job without the GIL: answers the health path and refusals as for WSGI, then hands
 /// the request to the loop, which builds its scope and starts its task. A request from a
-/// connection task is then pumped by a task on the bridge's runtime, and this thread is free for
-/// the next job; a request this thread reads from the socket itself (the IIS stream on Unix) is
-/// pumped by this thread, which waits for it.
+/// connection task is then pumped by a task beside it, and this returns at once (a connection's
+/// task calls it directly when listening); a request this thread reads from the socket itself
+/// (the IIS stream on Unix) is pumped by this thread, which waits for it.
 pub(super) fn dispatch(app: &App, asgi: &AsgiApp, job: Job) {
     let Job {
         params,
@@ -504,24 +522,27 @@ pub(super) fn dispatch(app: &App, asgi: &AsgiApp, job: Job) {
     if let Err((status, reason)) = declared {
         return refuse(in_flight, &params, status, reason);
     }
-    let sink = in_flight.sink();
     if lock(&shared.state).ended {
         let message = "the ASGI event loop has stopped (see the log)";
-        tracing::error!("{}: {message}", describe(&params));
-        let mut encoder = ResponseEncoder::new(sink.request_id());
-        error_response(&mut encoder, message, app.error_detail);
-        let _ = sink.send_blocking(Output::End(encoder.finish(0)));
-        return in_flight.end(&params, 500, ERROR_BODY_LEN);
+        return unavailable(app, in_flight, &params, message);
     }
+    let sink = in_flight.sink();
     let asynchronous = body.channel().is_some() && sink.channel().is_some();
     let params = Arc::new(params);
     let (ops, thread_pump) = if asynchronous {
+        let runtime = match asgi.pump_runtime() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let message = format!("cannot start the ASGI I/O runtime: {e}");
+                return unavailable(app, in_flight, &params, &message);
+            }
+        };
         let pump = TaskPump {
             sender: None,
             idle: Some((body, in_flight, params.clone())),
             sink: sink.clone(),
             shared: shared.clone(),
-            runtime: asgi.runtime.handle().clone(),
+            runtime,
         };
         (Ops::Task(Box::new(pump)), None)
     } else {
@@ -550,6 +571,16 @@ pub(super) fn dispatch(app: &App, asgi: &AsgiApp, job: Job) {
         let (status, bytes) = run_here(pump(&mut wire, &sink, shared));
         in_flight.end(&params, status, bytes);
     }
+}
+
+/// Answers a request the loop cannot take with a 500 that says why.
+fn unavailable(app: &App, in_flight: InFlight, params: &Params, message: &str) {
+    tracing::error!("{}: {message}", describe(params));
+    let sink = in_flight.sink();
+    let mut encoder = ResponseEncoder::new(sink.request_id());
+    error_response(&mut encoder, message, app.error_detail);
+    sink.send_whole(Output::End(encoder.finish(0)));
+    in_flight.end(params, 500, ERROR_BODY_LEN);
 }
 
 /// What a pump waits for next.

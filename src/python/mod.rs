@@ -62,6 +62,14 @@ impl App {
     pub fn is_asgi(&self) -> bool {
         self.asgi.is_some()
     }
+
+    /// Hands a job of an ASGI application to its event loop without blocking, as a connection's
+    /// task must. Only for `is_asgi`: a WSGI application's jobs go through the queue.
+    pub fn hand_to_loop(&self, job: Job) {
+        if let Some(asgi) = &self.asgi {
+            asgi::dispatch(self, asgi, job);
+        }
+    }
 }
 
 /// Prepares the interpreter for the application as wfastcgi.py does (app settings into
@@ -71,6 +79,7 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
     let error_detail = config.error_detail().map_err(|e| e.to_string())?;
     let input_spool = config.input_spool().map_err(|e| e.to_string())?;
     let max_body = config.max_body().map_err(|e| e.to_string())?;
+    let gc_freeze = config.gc_freeze().map_err(|e| e.to_string())?;
     let handler_name = handler_name(config)?;
     Python::attach(|py| {
         prepare_interpreter(py, config).map_err(|e| format_exception(py, &e))?;
@@ -97,6 +106,12 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
         };
         let base_environ = base_environ(py, deployment).map_err(|e| format_exception(py, &e))?;
         tracing::info!("{interface} handler {handler_name:?} loaded ({why})");
+        if gc_freeze {
+            // What is loaded now lives as long as the process: collections skip it from here.
+            if let Err(e) = py.import("gc").and_then(|gc| gc.call_method0("freeze")) {
+                tracing::warn!("gc.freeze() failed: {}", format_exception(py, &e));
+            }
+        }
         Ok(App {
             handler: handler.unbind(),
             base_environ: base_environ.unbind(),
@@ -348,7 +363,7 @@ fn refuse(in_flight: crate::ops::InFlight, params: &Params, status: u16, reason:
         &[],
         body.as_bytes(),
     );
-    let _ = sink.send_blocking(Output::End(encoder.finish(0)));
+    sink.send_whole(Output::End(encoder.finish(0)));
     in_flight.end(params, status, body.len() as u64);
 }
 

@@ -1,7 +1,9 @@
 //! The queue between connections and the threads that run the application.
 //!
 //! Bounded, so a flood of requests costs a 503 instead of memory: when every worker is busy and
-//! the queue is full, [`JobQueue::submit`] refuses at once.
+//! the queue is full, [`JobQueue::submit`] refuses at once. An ASGI application's event loop is
+//! its own queue: [`direct`] hands each job to it from the connection's task, with no worker
+//! thread in between.
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 #[cfg(target_os = "linux")]
@@ -13,12 +15,30 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::exchange::Job;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct JobQueue {
-    sender: Sender<Job>,
+    route: Route,
     /// Rung for every job queued, when workers wait on it rather than on the queue.
     #[cfg(target_os = "linux")]
     doorbell: Option<std::sync::Arc<Doorbell>>,
+}
+
+/// A job handed over on the caller's thread; it must not block (it runs on a connection's task).
+pub type Handler = std::sync::Arc<dyn Fn(Job) + Send + Sync>;
+
+#[derive(Clone)]
+enum Route {
+    Queue(Sender<Job>),
+    Direct(Handler),
+}
+
+impl std::fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.route {
+            Route::Queue(sender) => write!(f, "JobQueue({} queued)", sender.len()),
+            Route::Direct(_) => f.write_str("JobQueue(direct)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,11 +51,20 @@ pub enum SubmitError {
 pub fn bounded(capacity: usize) -> (JobQueue, Receiver<Job>) {
     let (sender, receiver) = crossbeam_channel::bounded(capacity);
     let queue = JobQueue {
-        sender,
+        route: Route::Queue(sender),
         #[cfg(target_os = "linux")]
         doorbell: None,
     };
     (queue, receiver)
+}
+
+/// No queue: every job goes to `handler` at once, on the connection's task.
+pub fn direct(handler: Handler) -> JobQueue {
+    JobQueue {
+        route: Route::Direct(handler),
+        #[cfg(target_os = "linux")]
+        doorbell: None,
+    }
 }
 
 impl JobQueue {
@@ -49,7 +78,14 @@ impl JobQueue {
     }
 
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        self.sender.try_send(job).map_err(|e| match e {
+        let sender = match &self.route {
+            Route::Queue(sender) => sender,
+            Route::Direct(handler) => {
+                handler(job);
+                return Ok(());
+            }
+        };
+        sender.try_send(job).map_err(|e| match e {
             TrySendError::Full(_) => SubmitError::Full,
             TrySendError::Disconnected(_) => SubmitError::Closed,
         })?;
