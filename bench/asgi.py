@@ -144,6 +144,20 @@ def peak_rss_mib(pid):
     return 0.0
 
 
+def private_dirty_mib(pid):
+    """Memory written by this process alone (its heap, its objects): what each further process
+    adds whatever else runs. Clean pages (code, read-only data) are shared with every process
+    that maps the same file."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("Private_Dirty:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def wait_answer(url, expected, limit=60):
     import urllib.request
     deadline = time.monotonic() + limit
@@ -221,6 +235,7 @@ def run_one(opts, scenario, server, clients, log):
             result = ab(opts, url, clients, client_cpu, folder)
             pids = tree(app.pid)
             result["rss"] = [round(peak_rss_mib(pid), 1) for pid in pids]
+            result["dirty"] = [round(private_dirty_mib(pid), 1) for pid in pids]
         finally:
             stop(nginx)
             stop(app)
@@ -275,7 +290,8 @@ def main():
                         runs.setdefault(f"{scenario}/{count}/{server}", []).append(result)
                         print(f"{scenario:6} c={count:<3} {SERVERS[server]:34} "
                               f"{result['rps']:9.1f} req/s  p99 {fmt(result['p99'], 1)} ms  "
-                              f"failed {result['failed']}  rss {result['rss']}",
+                              f"failed {result['failed']}  rss {result['rss']}  "
+                              f"private dirty {result['dirty']}",
                               file=sys.stderr, flush=True)
     with open(opts.json, "w", encoding="utf-8") as f:
         json.dump(runs, f, indent=1)
@@ -287,8 +303,8 @@ def main():
              f"its defaults. Good req/s counts 2xx answers of the right length only; bad "
              f"answers are summed over the rounds; p50/p99 are over all answers.", "",
              "| endpoint | clients | server | good req/s | p50 ms | p99 ms | bad answers | "
-             "peak RSS MiB per process |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
+             "peak RSS MiB per process | private dirty MiB per process |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for scenario in opts.only.split(","):
         for count in clients:
             for server in servers:
@@ -299,12 +315,14 @@ def main():
                 p50 = [r["p50"] for r in results if r["p50"] is not None]
                 p99 = [r["p99"] for r in results if r["p99"] is not None]
                 rss = max((r["rss"] for r in results), key=sum)
+                dirty = max((r.get("dirty", []) for r in results), key=sum)
                 lines.append(
                     f"| {SCENARIOS[scenario][0]} | {count} | {SERVERS[server]} | {fmt(rps)} | "
                     f"{fmt(statistics.median(p50) if p50 else None, 1)} | "
                     f"{fmt(statistics.median(p99) if p99 else None, 1)} | "
                     f"{sum(r['failed'] for r in results)} | "
-                    f"{' + '.join(fmt(x, 1) for x in rss)} |")
+                    f"{' + '.join(fmt(x, 1) for x in rss)} | "
+                    f"{' + '.join(fmt(x, 1) for x in dirty)} |")
     table = "\n".join(lines) + "\n"
     with open(opts.output, "w", encoding="utf-8") as f:
         f.write(table)

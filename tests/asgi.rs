@@ -64,8 +64,8 @@ fn hello_and_echo_over_bind() {
     }
 }
 
-/// 100 slow requests on 100 connections run at once: counted inside the app, not timed. The
-/// four workers each pump one; the rest are accepted by the I/O thread and pumped by tasks.
+/// 100 slow requests on 100 connections run at once: counted inside the app, not timed. Every
+/// connection's task hands its request to the loop and pumps it; no thread waits for one.
 #[test]
 fn a_hundred_slow_requests_are_in_flight_at_once() {
     let app = AppDir::new("asgi_app.slow_app", &[]);
@@ -848,4 +848,27 @@ fn uvloop_when_it_is_importable() {
         .map(|mut client| client.read_response(1).json()["peak"].as_u64().unwrap_or(0))
         .collect();
     assert_eq!(peaks.iter().max(), Some(&20), "{peaks:?}");
+}
+
+/// Listening, the first request reports a log that cannot be opened, as under IIS: the connection
+/// task that hands requests to the loop answers it; the next request is served.
+#[test]
+fn bind_reports_a_log_that_cannot_be_opened_to_the_first_request() {
+    let app = AppDir::new("asgi_app.app", &[]);
+    // A path below a regular file can never be created.
+    let bad = app.path().join("web.config").join("wfastcgi.log");
+    let app = AppDir::new(
+        "asgi_app.app",
+        &[("WSGI_LOG", bad.to_str().expect("utf-8"))],
+    );
+    let gateway = Gateway::bind(unix_address(&app), app.path(), &[]);
+    let mut client = gateway.connect();
+    let first = client.get(1, &app.iis_params("GET", "/"));
+    assert_eq!(first.status, 500);
+    assert!(
+        first.text().contains("cannot be opened"),
+        "{}",
+        first.text()
+    );
+    assert_eq!(client.get(2, &app.iis_params("GET", "/")).status, 200);
 }

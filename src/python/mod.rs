@@ -108,9 +108,20 @@ pub fn load(config: &AppConfig, deployment: Deployment) -> Result<App, String> {
         tracing::info!("{interface} handler {handler_name:?} loaded ({why})");
         if gc_freeze {
             // What is loaded now lives as long as the process: collections skip it from here.
-            if let Err(e) = py.import("gc").and_then(|gc| gc.call_method0("freeze")) {
+            // The garbage of the imports goes first, or it would never be collected.
+            let frozen = py.import("gc").and_then(|gc| {
+                gc.call_method0("collect")?;
+                gc.call_method0("freeze")
+            });
+            if let Err(e) = frozen {
                 tracing::warn!("gc.freeze() failed: {}", format_exception(py, &e));
             }
+        }
+        // Loading freed much more than it kept: give the free pages back (0.6 MiB for FastAPI).
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases memory glibc's allocator holds free.
+        unsafe {
+            libc::malloc_trim(0);
         }
         Ok(App {
             handler: handler.unbind(),
