@@ -792,6 +792,33 @@ fn iis_a_stuck_asgi_task_is_answered_504_cancelled_and_the_process_stays() {
     assert!(!log.contains("without finalising Python"), "{log}");
 }
 
+/// Listening, where connection tasks hand requests to the loop themselves: the stuck task is
+/// answered 504 and cancelled while another connection is served, and the process stays.
+#[test]
+fn bind_a_stuck_asgi_task_is_answered_504_cancelled_while_others_are_served() {
+    let app = AppDir::new("asgi_app.stuck_app", &[("WSGI_REQUEST_TIMEOUT", "1")]);
+    let gateway = Gateway::bind(Address::Tcp(any_port()), app.path(), &[]);
+    let mut client = gateway.connect();
+    let before = client.get(1, &app.iis_params("GET", "/")).json();
+    let mut stuck = gateway.connect();
+    stuck.send(&Send::new(1, &app.iis_params("GET", "/sleep")));
+    let mut other = gateway.connect();
+    assert_eq!(other.get(1, &app.iis_params("GET", "/")).status, 200);
+    assert_eq!(stuck.read_response(1).status, 504, "{}", app.log());
+    let mut after = client.get(1, &app.iis_params("GET", "/")).json();
+    wait_until("the task sees its cancellation", || {
+        after = client.get(1, &app.iis_params("GET", "/")).json();
+        after["cancelled"] == serde_json::json!(["sleep"])
+    });
+    assert_eq!(after["pid"], before["pid"], "the same process");
+    let log = app.log();
+    assert!(
+        log.contains("its ASGI task is cancelled and the process stays in service"),
+        "{log}"
+    );
+    assert!(log.contains("in sleep_for_an_hour\n"), "{log}");
+}
+
 /// An ASGI task that never yields blocks the event loop: the process is replaced as for WSGI.
 #[test]
 fn iis_an_asgi_task_that_blocks_the_loop_replaces_the_process() {
