@@ -53,7 +53,7 @@ def server_command(opts, name, folder, sock):
     """argv and nginx's location block for `name` listening on the Unix socket `sock`."""
     if name == "uvicorn":
         argv = [os.path.join(opts.venv, "bin", "uvicorn"), "main:app", "--uds", sock,
-                "--workers", "1", "--loop", "uvloop", "--http", "httptools",
+                "--workers", str(opts.processes), "--loop", "uvloop", "--http", "httptools",
                 "--no-access-log", "--log-level", "warning", "--app-dir", EXAMPLE]
         location = ("proxy_pass http://app; proxy_http_version 1.1; "
                     'proxy_set_header Connection ""; proxy_set_header Host $host;')
@@ -64,8 +64,9 @@ def server_command(opts, name, folder, sock):
     else:
         web_config(folder, "fastapi_wsgi.application", EXAMPLE + ":" + PEERS)
         threads = ["--threads", str(opts.wsgi_threads)]
+    processes = ["--processes", str(opts.processes)] if opts.processes > 1 else []
     argv = [opts.gateway, "serve", "--bind", "unix:" + sock, "--app-dir", folder,
-            "--venv", opts.venv] + threads
+            "--venv", opts.venv] + threads + processes
     location = ("fastcgi_pass app; fastcgi_keep_conn on; "
                 "include %s;" % os.path.join(folder, "fastcgi_params"))
     with open(os.path.join(folder, "fastcgi_params"), "w", encoding="utf-8") as f:
@@ -144,14 +145,15 @@ def peak_rss_mib(pid):
     return 0.0
 
 
-def private_dirty_mib(pid):
-    """Memory written by this process alone (its heap, its objects): what each further process
-    adds whatever else runs. Clean pages (code, read-only data) are shared with every process
-    that maps the same file."""
+def rollup_mib(pid, field):
+    """A field of /proc/PID/smaps_rollup. `Private_Dirty`: memory written by this process alone
+    (its heap, its objects), what each further process adds whatever else runs; clean pages
+    (code, read-only data) are shared with every process that maps the same file. `Pss`: the
+    process's share of all its pages, so the sum over processes is the memory they use."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("Private_Dirty:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -235,7 +237,8 @@ def run_one(opts, scenario, server, clients, log):
             result = ab(opts, url, clients, client_cpu, folder)
             pids = tree(app.pid)
             result["rss"] = [round(peak_rss_mib(pid), 1) for pid in pids]
-            result["dirty"] = [round(private_dirty_mib(pid), 1) for pid in pids]
+            result["dirty"] = [round(rollup_mib(pid, "Private_Dirty"), 1) for pid in pids]
+            result["pss"] = round(sum(rollup_mib(pid, "Pss") for pid in pids), 1)
         finally:
             stop(nginx)
             stop(app)
@@ -269,6 +272,8 @@ def main():
     parser.add_argument("--wsgi-threads", type=int, default=100,
                         help="the gateway's --threads for a2wsgi, which blocks a thread per "
                              "request in flight (the ASGI rows run with the default)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes of each server (--processes, uvicorn --workers)")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results-asgi.md"))
     parser.add_argument("--json", default=os.path.join(ROOT, "bench", "results-asgi.json"))
@@ -291,7 +296,7 @@ def main():
                         print(f"{scenario:6} c={count:<3} {SERVERS[server]:34} "
                               f"{result['rps']:9.1f} req/s  p99 {fmt(result['p99'], 1)} ms  "
                               f"failed {result['failed']}  rss {result['rss']}  "
-                              f"private dirty {result['dirty']}",
+                              f"private dirty {result['dirty']}  pss {result['pss']}",
                               file=sys.stderr, flush=True)
     with open(opts.json, "w", encoding="utf-8") as f:
         json.dump(runs, f, indent=1)
@@ -300,11 +305,13 @@ def main():
              f"{opts.rounds} round(s) of {opts.duration} s per run (medians), "
              f"`ab -k` through nginx (1 worker), the server on one CPU and nginx with ab on "
              f"the other; a2wsgi runs with `--threads {opts.wsgi_threads}`, the ASGI gateway with "
-             f"its defaults. Good req/s counts 2xx answers of the right length only; bad "
+             f"its defaults; {opts.processes} worker process(es) each (`--processes`, uvicorn "
+             f"`--workers`), a supervisor or master beside them when more than one. PSS sums every "
+             f"process of a server (supervisor or master included). Good req/s counts 2xx answers of the right length only; bad "
              f"answers are summed over the rounds; p50/p99 are over all answers.", "",
              "| endpoint | clients | server | good req/s | p50 ms | p99 ms | bad answers | "
-             "peak RSS MiB per process | private dirty MiB per process |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+             "peak RSS MiB per process | private dirty MiB per process | PSS MiB, all processes |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
     for scenario in opts.only.split(","):
         for count in clients:
             for server in servers:
@@ -316,13 +323,14 @@ def main():
                 p99 = [r["p99"] for r in results if r["p99"] is not None]
                 rss = max((r["rss"] for r in results), key=sum)
                 dirty = max((r.get("dirty", []) for r in results), key=sum)
+                pss = max(r.get("pss", 0.0) for r in results)
                 lines.append(
                     f"| {SCENARIOS[scenario][0]} | {count} | {SERVERS[server]} | {fmt(rps)} | "
                     f"{fmt(statistics.median(p50) if p50 else None, 1)} | "
                     f"{fmt(statistics.median(p99) if p99 else None, 1)} | "
                     f"{sum(r['failed'] for r in results)} | "
                     f"{' + '.join(fmt(x, 1) for x in rss)} | "
-                    f"{' + '.join(fmt(x, 1) for x in dirty)} |")
+                    f"{' + '.join(fmt(x, 1) for x in dirty)} | {fmt(pss, 1)} |")
     table = "\n".join(lines) + "\n"
     with open(opts.output, "w", encoding="utf-8") as f:
         f.write(table)
