@@ -777,7 +777,8 @@ fn iis_a_stuck_asgi_task_is_answered_504_cancelled_and_the_process_stays() {
         after["cancelled"] == serde_json::json!(["sleep"])
     });
     assert_eq!(after["pid"], before["pid"], "the same process");
-    let log = app.log();
+    // The log's writer thread may still hold the line logged as the task was cancelled.
+    let log = app.wait_for_log("GET /sleep is stuck");
     assert!(log.contains("GET /sleep is stuck"), "{log}");
     assert!(log.contains("GET /sleep is slow"), "{log}");
     // The slow line and the stuck line each have the task's stack.
@@ -811,7 +812,7 @@ fn bind_a_stuck_asgi_task_is_answered_504_cancelled_while_others_are_served() {
         after["cancelled"] == serde_json::json!(["sleep"])
     });
     assert_eq!(after["pid"], before["pid"], "the same process");
-    let log = app.log();
+    let log = app.wait_for_log("its ASGI task is cancelled and the process stays in service");
     assert!(
         log.contains("its ASGI task is cancelled and the process stays in service"),
         "{log}"
