@@ -854,21 +854,7 @@ fn uvloop_when_it_is_importable() {
 /// task that hands requests to the loop answers it; the next request is served.
 #[test]
 fn bind_reports_a_log_that_cannot_be_opened_to_the_first_request() {
-    let app = AppDir::new("asgi_app.app", &[]);
-    // A path below a regular file can never be created.
-    let bad = app.path().join("web.config").join("wfastcgi.log");
-    let app = AppDir::new(
-        "asgi_app.app",
-        &[("WSGI_LOG", bad.to_str().expect("utf-8"))],
-    );
+    let (_holder, app) = app_with_an_unopenable_log("asgi_app.app");
     let gateway = Gateway::bind(unix_address(&app), app.path(), &[]);
-    let mut client = gateway.connect();
-    let first = client.get(1, &app.iis_params("GET", "/"));
-    assert_eq!(first.status, 500);
-    assert!(
-        first.text().contains("cannot be opened"),
-        "{}",
-        first.text()
-    );
-    assert_eq!(client.get(2, &app.iis_params("GET", "/")).status, 200);
+    assert_log_problem_reported_once(&mut gateway.connect(), &app);
 }

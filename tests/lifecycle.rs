@@ -314,21 +314,9 @@ fn bind_mode_restarts_in_place_without_failing_a_request() {
 
 #[test]
 fn a_log_that_cannot_be_opened_is_reported_once() {
-    let app = AppDir::new("hello.app", &[]);
-    // A path below a regular file can never be created.
-    let bad = app.path().join("web.config").join("wfastcgi.log");
-    let app = AppDir::new("hello.app", &[("WSGI_LOG", bad.to_str().expect("utf-8"))]);
+    let (_holder, app) = app_with_an_unopenable_log("hello.app");
     let mut gateway = Gateway::iis(&[]);
-    let mut client = gateway.client();
-    let first = client.get(1, &app.iis_params("GET", "/"));
-    assert_eq!(first.status, 500);
-    assert!(
-        first.text().contains("cannot be opened"),
-        "{}",
-        first.text()
-    );
-    let second = client.get(2, &app.iis_params("GET", "/"));
-    assert_eq!(second.status, 200);
+    assert_log_problem_reported_once(&mut gateway.client(), &app);
 }
 
 #[test]

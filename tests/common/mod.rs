@@ -805,3 +805,24 @@ pub fn assert_500(handler: &str, detail: &str) {
     let again = gateway.client().get(2, &app.iis_params("GET", "/"));
     assert_eq!(again.status, 500, "{handler}: still serving");
 }
+
+/// An app whose `WSGI_LOG` can never be opened (a path below a regular file), and the folder
+/// holding that file, which must outlive the app.
+pub fn app_with_an_unopenable_log(handler: &str) -> (AppDir, AppDir) {
+    let holder = AppDir::new(handler, &[]);
+    let bad = holder.path().join("web.config").join("wfastcgi.log");
+    let app = AppDir::new(handler, &[("WSGI_LOG", bad.to_str().expect("utf-8"))]);
+    (holder, app)
+}
+
+/// The first request is a 500 that says the log cannot be opened; the next is served.
+pub fn assert_log_problem_reported_once<S: Read + Write>(client: &mut Client<S>, app: &AppDir) {
+    let first = client.get(1, &app.iis_params("GET", "/"));
+    assert_eq!(first.status, 500);
+    assert!(
+        first.text().contains("cannot be opened"),
+        "{}",
+        first.text()
+    );
+    assert_eq!(client.get(2, &app.iis_params("GET", "/")).status, 200);
+}
